@@ -1,0 +1,1 @@
+"""Client side: the Ray actor that trains and evaluates LoRA adapters for (virtual) clients."""

@@ -1,0 +1,1 @@
+"""Datasets, TALLRec-style samples and client partitioning."""

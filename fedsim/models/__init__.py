@@ -1,0 +1,1 @@
+"""Base models, LoRA adapters as flat buffers, and Yes/No preference scoring."""

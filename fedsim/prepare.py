@@ -1,0 +1,86 @@
+"""Before the first round: build the samples, split users into clients, write one shard per client,
+resolve the model, and score the conventional baselines on exactly the rows the run evaluates."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fedsim.data.movielens import load_movielens_100k
+from fedsim.data.partition import partition_stats, partition_users, write_shards
+from fedsim.data.prompt import INSTRUCTION
+from fedsim.data.samples import build_samples, user_embeddings
+from fedsim.data.synthetic import make_synthetic
+from fedsim.models.loader import resolve_model
+
+
+def load_ratings(cfg, log=print) -> tuple[pd.DataFrame, pd.DataFrame]:
+    d = cfg.data
+    if d.dataset == "movielens-100k":
+        return load_movielens_100k(log=log)
+    s = d.synthetic
+    return make_synthetic(num_users=s.num_users, num_items=s.num_items, ratings_per_user=s.ratings_per_user,
+                          num_clusters=s.num_clusters, taste_strength=s.taste_strength, seed=cfg.train.seed)
+
+
+def build_all_samples(cfg, log=print) -> tuple[pd.DataFrame, pd.DataFrame]:
+    ratings, items = load_ratings(cfg, log)
+    d = cfg.data
+    samples = build_samples(ratings, items, history_len=d.history_len, like_threshold=d.like_threshold,
+                            split=tuple(d.split))
+    return samples, items
+
+
+def assign_clients(cfg, samples: pd.DataFrame) -> dict[int, int]:
+    users = np.sort(samples["user"].unique())
+    emb = None
+    if cfg.partition.method != "iid":
+        # Embeddings come from train-period ratings only: partitioning must not peek at the test.
+        train = samples[samples["split"] == "train"]
+        ids, mat = user_embeddings(train[["user", "item", "rating"]], seed=cfg.train.seed)
+        pos = {u: i for i, u in enumerate(ids)}
+        emb = np.stack([mat[pos[u]] if u in pos else np.zeros(mat.shape[1]) for u in users])
+    clients = partition_users(users, cfg.clients.num, cfg.partition.method, seed=cfg.train.seed,
+                              alpha=cfg.partition.alpha, embeddings=emb)
+    return dict(zip(users.tolist(), clients.tolist()))
+
+
+def prepare(cfg, run_dir: Path, log=print) -> dict:
+    """Idempotent: a resumed run finds the shards, model and baselines it had."""
+    run_dir = Path(run_dir)
+    shard_dir = run_dir / "shards"
+    info_path = run_dir / "prepared.json"
+    if info_path.exists():
+        return json.loads(info_path.read_text())
+    from fedsim.baselines import evaluate_baselines
+
+    log(f"building samples from {cfg.data.dataset}")
+    samples, items = build_all_samples(cfg, log)
+    owner = assign_clients(cfg, samples)
+    d = cfg.data
+    caps = {"train": d.max_train_per_client, "valid": d.max_valid_per_client, "test": d.max_test_per_client}
+    paths = write_shards(samples, owner, shard_dir, cfg.clients.num, max_rows=caps, seed=cfg.train.seed)
+    stats = partition_stats(paths)
+    stats.to_csv(run_dir / "partition.csv", index=False)
+    empty = stats[(stats["train"] == 0) | (stats[cfg.eval.split] == 0)]
+    if len(empty):
+        raise ValueError(f"clients {empty['client'].tolist()} have no train or {cfg.eval.split} rows: "
+                         f"lower clients.num ({cfg.clients.num}) or use more data")
+
+    log("scoring conventional baselines on the rows this run evaluates")
+    shards = pd.concat([pd.read_parquet(p) for p in paths])
+    evaluated = shards[shards["split"] == cfg.eval.split]
+    baselines = evaluate_baselines(samples[samples["split"] == "train"], evaluated, seed=cfg.train.seed)
+
+    texts = [INSTRUCTION, 'Liked: Disliked: Target movie: "none" Answer: Yes No', *items["title"].astype(str)]
+    model_path = resolve_model(cfg.model.name, run_dir, texts, seed=cfg.train.seed, log=log)
+    info = {
+        "model_path": model_path,
+        "baselines": baselines,
+        "samples": {s: int((samples["split"] == s).sum()) for s in ("train", "valid", "test")},
+        "partition": stats.to_dict(orient="records"),
+    }
+    info_path.write_text(json.dumps(info, indent=1, default=float))
+    return info

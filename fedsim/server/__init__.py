@@ -1,0 +1,1 @@
+"""Server side: aggregation strategies and the aggregator actor."""

@@ -1,0 +1,81 @@
+"""Aggregation rules behind one small interface (Flower's `Strategy` idea).
+
+The simulation loop only calls `params_for` (what a client trains from / is evaluated with) and
+`aggregate` (fold one round's client updates in); it never knows which rule it runs. Updates are
+deltas (trained adapter minus the adapter the client received), as flat float32 vectors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Update:
+    client: int
+    delta: torch.Tensor
+    num_samples: int
+    metrics: dict = field(default_factory=dict)
+
+
+class Strategy:
+    name = "base"
+
+    def initialize(self, params: torch.Tensor, num_clients: int) -> None:
+        raise NotImplementedError
+
+    def params_for(self, client: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def aggregate(self, round: int, updates: list[Update]) -> dict[str, float]:
+        raise NotImplementedError
+
+    def global_params(self) -> torch.Tensor:
+        """The model a user takes away at the end (for personalised rules, a consensus)."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict) -> None:
+        raise NotImplementedError
+
+
+def weighted_mean(vectors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    w = torch.tensor(weights, dtype=torch.float64)
+    w = w / w.sum()
+    return (torch.stack([v.double() for v in vectors]) * w[:, None]).sum(0).float()
+
+
+class FedAvg(Strategy):
+    """McMahan et al.: the global adapter moves by the sample-weighted mean of client deltas."""
+
+    name = "fedavg"
+
+    def initialize(self, params, num_clients):
+        self.params = params.clone()
+
+    def params_for(self, client):
+        return self.params
+
+    def aggregate(self, round, updates):
+        step = weighted_mean([u.delta for u in updates], [u.num_samples for u in updates])
+        self.params = self.params + step
+        return {"update_norm": float(step.norm())}
+
+    def global_params(self):
+        return self.params
+
+    def state_dict(self):
+        return {"params": self.params.clone()}
+
+    def load_state_dict(self, state):
+        self.params = state["params"].clone()
+
+
+STRATEGIES = {cls.name: cls for cls in (FedAvg,)}
+
+
+def make_strategy(cfg) -> Strategy:
+    return STRATEGIES[cfg.strategy.name]()

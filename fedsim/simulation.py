@@ -1,0 +1,355 @@
+"""The driver loop: sample -> local training -> aggregate -> evaluate -> log -> checkpoint.
+
+The loop talks to executor actors (clients) and one aggregator actor through object refs: client
+deltas go from executors to the aggregator without passing through the driver.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+import yaml
+
+from fedsim.client.executor import ClientExecutor
+from fedsim.config import Config, config_from_dict, flatten, save_config, to_dict
+from fedsim.metrics import accuracy, auc, logloss
+from fedsim.prepare import prepare
+from fedsim.report import Progress, plot_client_auc, summary_table
+from fedsim.server.aggregator import Aggregator
+from fedsim.tracking import Tracker, resolve_uri
+
+
+class QuorumError(RuntimeError):
+    """Too few sampled clients reported in a round; the last checkpoint is intact."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray
+
+
+def init_ray(log=print) -> None:
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        # A head started with `ray start` has token auth on; clients must opt in to send the token.
+        if (Path.home() / ".ray" / "auth_token").exists():
+            os.environ.setdefault("RAY_AUTH_MODE", "token")
+        log(f"joining the Ray cluster at {address}")
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=True, configure_logging=False)
+
+
+def executor_resources(cfg: Config) -> tuple[int, float, float]:
+    """(number of executors, CPUs each, GPUs each); an impossible request fails here, not in a hang."""
+    n = cfg.executors.num or cfg.clients.num
+    total = ray.cluster_resources()
+    gpus = total.get("GPU", 0)
+    if cfg.executors.num_gpus == "auto":
+        num_gpus = 1.0 / math.ceil(n / gpus) if gpus else 0.0
+    else:
+        num_gpus = float(cfg.executors.num_gpus)
+    cpus = total.get("CPU", 0)
+    if n * cfg.executors.num_cpus > cpus + 1e-9:
+        raise ValueError(f"executors need {n} x executors.num_cpus={cfg.executors.num_cpus} = "
+                         f"{n * cfg.executors.num_cpus:g} CPUs but the Ray cluster has {cpus:g}: lower "
+                         f"executors.num (0 = one per client) or executors.num_cpus")
+    if n * num_gpus > gpus + 1e-9:
+        raise ValueError(f"executors need {n * num_gpus:g} GPUs (executors.num_gpus={num_gpus:g}) "
+                         f"but the Ray cluster has {gpus:g}")
+    return n, cfg.executors.num_cpus, num_gpus
+
+
+def sample_clients(cfg: Config, round: int) -> list[int]:
+    n = cfg.clients.num
+    k = cfg.clients.per_round
+    m = k if isinstance(k, int) else max(1, round_half_up(k * n))
+    rng = np.random.default_rng([cfg.train.seed, round, 7])
+    return sorted(rng.choice(n, size=m, replace=False).tolist())
+
+
+def round_half_up(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+
+def eval_metrics(results: list[dict], num_clients: int) -> dict[str, float]:
+    out: dict[str, float] = {}
+    per_client = []
+    for r in results:
+        c, y, p = r["client"], r["labels"], r["probs"]
+        a = auc(y, p)
+        out[f"client/{c}/auc"] = a
+        out[f"client/{c}/logloss"] = logloss(y, p)
+        out[f"client/{c}/accuracy"] = accuracy(y, p)
+        out[f"client/{c}/rows"] = float(len(y))
+        if a == a:
+            per_client.append(a)
+    y = np.concatenate([r["labels"] for r in results])
+    p = np.concatenate([r["probs"] for r in results])
+    out.update(auc=auc(y, p), logloss=logloss(y, p), accuracy=accuracy(y, p), rows=float(len(y)))
+    if per_client:
+        out.update(auc_mean=float(np.mean(per_client)), auc_std=float(np.std(per_client)),
+                   auc_min=float(np.min(per_client)), auc_max=float(np.max(per_client)),
+                   auc_gap=float(np.max(per_client) - np.min(per_client)))
+    out["clients_evaluated"] = float(len(results))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_checkpoint(run_dir: Path, state: dict) -> None:
+    path = run_dir / "checkpoint.pt"
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(run_dir: Path) -> dict | None:
+    path = run_dir / "checkpoint.pt"
+    return torch.load(path, weights_only=False) if path.exists() else None
+
+
+def new_run_dir(cfg: Config) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    path = Path(cfg.output_dir) / f"{cfg.name}-{stamp}"
+    path.mkdir(parents=True)
+    return path
+
+
+def load_run_config(run_dir: Path) -> Config:
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"--resume {run_dir}: no config.yaml there; is it a fedsim run directory?")
+    return config_from_dict(yaml.safe_load(path.read_text()))
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+class Simulation:
+    def __init__(self, cfg: Config, run_dir: Path | None = None, tracking_uri: str | None = None, log=print):
+        self.resuming = run_dir is not None and (Path(run_dir) / "config.yaml").exists()
+        self.cfg = load_run_config(run_dir) if self.resuming else cfg
+        self.run_dir = Path(run_dir) if run_dir else new_run_dir(cfg)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.log = log
+        if not self.resuming:
+            save_config(self.cfg, self.run_dir / "config.yaml")
+        t = self.cfg.tracking
+        self.tracker = Tracker(t.enabled, resolve_uri(tracking_uri, t.uri), t.experiment)
+
+    # -- actors ---------------------------------------------------------------------------------
+
+    def _start_actors(self, model_path: str) -> None:
+        n, cpus, gpus = executor_resources(self.cfg)
+        self.log(f"starting {n} executor actor(s) (num_cpus={cpus:g}, num_gpus={gpus:g}) for "
+                 f"{self.cfg.clients.num} client(s)")
+        # No task retries: a client whose actor dies mid-round is dropped from that round, not rerun.
+        actor = ray.remote(ClientExecutor).options(num_cpus=cpus, num_gpus=gpus,
+                                                   max_restarts=self.cfg.executors.max_restarts, max_task_retries=0)
+        args = (to_dict(self.cfg), str(self.run_dir.resolve()), model_path)
+        self._new_executor = lambda i: actor.remote(*args, i, max(1, int(cpus)))
+        self.executors = [self._new_executor(i) for i in range(n)]
+        infos = ray.get([e.ready.remote() for e in self.executors])
+        self.lora_params = infos[0]["lora_params"]
+        initial = ray.get(self.executors[0].initial_params.remote())
+        # The aggregator is light bookkeeping; it takes no CPU slot so it never starves the clients.
+        self.aggregator = ray.remote(Aggregator).options(num_cpus=0).remote(self.cfg, initial)
+
+    def _stop_actors(self) -> None:
+        for a in getattr(self, "executors", []) + [getattr(self, "aggregator", None)]:
+            if a is not None:
+                ray.kill(a)
+
+    def _await_executors(self, timeout: float = 600.0) -> None:
+        """Wait for restarting executors (calls to one fail at once), replace ones out of restarts."""
+        for i in range(len(self.executors)):
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    ray.get(self.executors[i].ready.remote(), timeout=60)
+                    break
+                except ray.exceptions.ActorDiedError:
+                    self.log(f"executor {i} is gone for good (executors.max_restarts used up); starting a new one")
+                    self.executors[i] = self._new_executor(i)
+                except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"executor {i} did not come back within {timeout:.0f} s")
+                    time.sleep(0.5)
+
+    def executor_for(self, client: int):
+        return self.executors[client % len(self.executors)]
+
+    # -- one round ------------------------------------------------------------------------------
+
+    def _collect(self, pending: dict, round: int, phase: str, progress: Progress):
+        """Wait for every pending task; a failed one drops its client. Returns (done, failures)."""
+        done, failures, total = [], {}, len(pending)
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            client, extra = pending.pop(ready[0])
+            try:
+                done.append((client, ray.get(ready[0]), extra))
+            except ray.exceptions.RayError as e:
+                failures[client] = e
+                reason = "its executor died" if isinstance(e, ray.exceptions.RayActorError) else str(e).splitlines()[0]
+                self.log(f"\nround {round + 1}: client {client} dropped from {phase} ({reason})")
+            progress.clients(round, phase, len(done) + len(failures), total)
+        return done, failures
+
+    def _train_round(self, round: int, progress: Progress) -> tuple[dict, list[int]]:
+        cfg = self.cfg
+        sampled = sample_clients(cfg, round)
+        self._await_executors()
+        refs = ray.get(self.aggregator.params_for.remote(sampled))
+        pending = {}
+        for c in sampled:
+            meta, delta = self.executor_for(c).train.options(num_returns=2).remote(c, round, refs[c], cfg.train.lr)
+            pending[meta] = (c, delta)
+        done, failures = self._collect(pending, round, "train", progress)
+        need = math.ceil(cfg.faults.quorum * len(sampled))
+        if len(done) < need:
+            first = next(iter(failures.values()), None)
+            raise QuorumError(f"round {round + 1}: only {len(done)} of {len(sampled)} sampled clients reported, "
+                              f"faults.quorum={cfg.faults.quorum} needs {need}; first failure: {first}. "
+                              f"Resume from the last checkpoint with: fedsim run --resume {self.run_dir}")
+        metas = [m for _, m, _ in done]
+        deltas = [d for _, _, d in done]
+        agg = ray.get(self.aggregator.aggregate.remote(round, metas, *deltas))
+        n = sum(m["num_samples"] for m in metas)
+        metrics = {
+            "train_loss": float(sum(m["loss"] * m["num_samples"] for m in metas) / n),
+            "clients_sampled": float(len(sampled)),
+            "clients_reported": float(len(done)),
+            "clients_dropped": float(len(failures)),
+            "train_samples": float(n),
+            "client_train_seconds": float(sum(m["seconds"] for m in metas)),
+            **agg,
+        }
+        for m in metas:
+            metrics[f"client/{m['client']}/train_loss"] = m["loss"]
+        return metrics, sorted(failures)
+
+    def _evaluate(self, round: int, progress: Progress) -> dict:
+        clients = list(range(self.cfg.clients.num))
+        self._await_executors()
+        refs = ray.get(self.aggregator.params_for.remote(clients, False))
+        pending = {self.executor_for(c).evaluate.remote(c, refs[c], self.cfg.eval.split): (c, None) for c in clients}
+        done, _ = self._collect(pending, round, "eval", progress)
+        return eval_metrics([r for _, r, _ in done], self.cfg.clients.num)
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def run(self, stop_after: int | None = None) -> dict:
+        """Run (or resume) to the configured number of rounds; `stop_after` ends early after that
+        many rounds in total, as an interruption would, leaving a resumable checkpoint."""
+        cfg = self.cfg
+        t_start = time.perf_counter()
+        info = prepare(cfg, self.run_dir, self.log)
+        ckpt = load_checkpoint(self.run_dir) if self.resuming else None
+        start = ckpt["round"] + 1 if ckpt else 0
+        history = ckpt["history"] if ckpt else []
+        dropped = ckpt.get("dropped", []) if ckpt else []
+        wall_before = ckpt.get("wall_seconds", 0.0) if ckpt else 0.0
+        if ckpt:
+            self.log(f"resuming {self.run_dir} after round {start} of {cfg.train.rounds}")
+        init_ray(self.log)
+        self._start_actors(info["model_path"])
+        status = "FAILED"
+        try:
+            if ckpt:
+                ray.get(self.aggregator.load_state_dict.remote(ckpt["strategy"]))
+            params = {**flatten(to_dict(cfg)), "run_dir": str(self.run_dir), "lora_params": self.lora_params}
+            self.tracker.start(cfg.name, params, run_id=ckpt.get("mlflow_run_id") if ckpt else None)
+            if not ckpt:
+                self.tracker.log_metrics({f"baseline/{k}/{m}": v for k, d in info["baselines"].items()
+                                          for m, v in d.items()}, step=0)
+            progress = Progress(cfg.train.rounds, start)
+            last = cfg.train.rounds if stop_after is None else min(cfg.train.rounds, stop_after)
+            for r in range(start, last):
+                t0 = time.perf_counter()
+                metrics, lost = self._train_round(r, progress)
+                dropped += [{"round": r, "client": c} for c in lost]
+                if (r + 1) % cfg.eval.every == 0 or r == cfg.train.rounds - 1:
+                    metrics.update(self._evaluate(r, progress))
+                metrics["round_seconds"] = time.perf_counter() - t0
+                self.tracker.log_metrics(metrics, step=r)
+                history.append({"round": r, **metrics})
+                progress.round_done(r, metrics["round_seconds"], metrics)
+                save_checkpoint(self.run_dir, {
+                    "round": r, "strategy": ray.get(self.aggregator.state_dict.remote()), "history": history,
+                    "dropped": dropped, "mlflow_run_id": self.tracker.run_id,
+                    "wall_seconds": wall_before + time.perf_counter() - t_start})
+            done = bool(history) and history[-1]["round"] == cfg.train.rounds - 1
+            summary = self._finish(info, history, dropped, wall_before + time.perf_counter() - t_start, done)
+            # An early stop is an interruption: KILLED until `--resume` sets it running again.
+            status = "FINISHED" if done else "KILLED"
+            return summary
+        except KeyboardInterrupt:
+            status = "KILLED"
+            self.log(f"\ninterrupted; continue with: fedsim run --resume {self.run_dir}")
+            raise
+        finally:
+            self.tracker.end(status)
+            self._stop_actors()
+
+    def _finish(self, info: dict, history: list[dict], dropped: list, wall: float, done: bool) -> dict:
+        cfg = self.cfg
+        evals = [h for h in history if "auc" in h]
+        final = {k: v for k, v in evals[-1].items() if not k.startswith("client/")} if evals else {}
+        clients_final = {}
+        if evals:
+            for c in range(cfg.clients.num):
+                if f"client/{c}/auc" in evals[-1]:
+                    clients_final[str(c)] = {m: evals[-1][f"client/{c}/{m}"] for m in ("auc", "logloss", "accuracy", "rows")}
+        summary = {
+            "name": cfg.name, "run_dir": str(self.run_dir), "complete": done,
+            "rounds_done": len(history), "clients": cfg.clients.num, "strategy": cfg.strategy.name,
+            "model": cfg.model.name, "dataset": cfg.data.dataset, "eval_split": cfg.eval.split,
+            "final": final, "clients_final": clients_final, "baselines": info["baselines"],
+            "bytes_up": sum(h.get("bytes_up", 0) for h in history),
+            "bytes_down": sum(h.get("bytes_down", 0) for h in history),
+            "dropped": dropped, "wall_seconds": wall, "lora_params": self.lora_params,
+            "mlflow_run_id": self.tracker.run_id,
+        }
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
+        if done:
+            self._export_adapter()
+            plot = plot_client_auc(history, cfg.clients.num, self.run_dir / "client_auc.png")
+            for path in (self.run_dir / "config.yaml", self.run_dir / "partition.csv",
+                         self.run_dir / "summary.json", plot):
+                if path:
+                    self.tracker.log_artifact(path)
+            self.tracker.log_artifact(self.run_dir / "adapter", "adapter")
+        self.log("\n" + summary_table(summary))
+        return summary
+
+    def _export_adapter(self) -> None:
+        from safetensors.torch import save_file
+
+        params = ray.get(self.aggregator.global_params.remote())
+        state, peft_cfg = ray.get(self.executors[0].export.remote(params))
+        out = self.run_dir / "adapter"
+        out.mkdir(exist_ok=True)
+        save_file(state, str(out / "adapter_model.safetensors"))
+        (out / "adapter_config.json").write_text(json.dumps(peft_cfg, indent=1, default=str))
+
+
+def run(cfg: Config | None = None, run_dir: str | Path | None = None, tracking_uri: str | None = None,
+        log=print, stop_after: int | None = None) -> dict:
+    return Simulation(cfg, Path(run_dir) if run_dir else None, tracking_uri, log).run(stop_after)

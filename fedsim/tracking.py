@@ -1,0 +1,79 @@
+"""MLflow tracking, imported lazily so a run with tracking off works where MLflow is absent."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def default_uri() -> str:
+    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def resolve_uri(cli_uri: str | None, cfg_uri: str | None) -> str:
+    return cli_uri or cfg_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri()
+
+
+class Tracker:
+    """One MLflow run per simulation; `enabled=False` keeps the same calls and records nothing.
+
+    Uses MlflowClient with explicit run ids rather than mlflow's process-global active run, so
+    several simulations (Tune trials, tests) can share a process.
+    """
+
+    def __init__(self, enabled: bool, uri: str, experiment: str):
+        self.enabled, self.uri, self.experiment = enabled, uri, experiment
+        self.run_id = None
+        if enabled:
+            from mlflow import MlflowClient
+
+            self.client = MlflowClient(tracking_uri=uri)
+
+    def _experiment_id(self) -> str:
+        exp = self.client.get_experiment_by_name(self.experiment)
+        if exp is not None:
+            return exp.experiment_id
+        try:
+            return self.client.create_experiment(self.experiment)
+        except Exception:  # another process created it between the two calls
+            return self.client.get_experiment_by_name(self.experiment).experiment_id
+
+    def start(self, run_name: str, params: dict, run_id: str | None = None, tags: dict | None = None) -> str | None:
+        if not self.enabled:
+            return None
+        from mlflow.entities import Param, RunTag
+
+        if run_id:  # resuming: keep writing into the interrupted run
+            self.client.update_run(run_id, status="RUNNING")
+            self.run_id = run_id
+            return run_id
+        run = self.client.create_run(self._experiment_id(), run_name=run_name,
+                                     tags={k: str(v) for k, v in (tags or {}).items()})
+        self.run_id = run.info.run_id
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
+        return self.run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if not self.enabled:
+            return
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None and v == v]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(self.run_id, metrics=items[i:i + 1000])
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        if not self.enabled or not Path(path).exists():
+            return
+        if Path(path).is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path=artifact_path or Path(path).name)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path=artifact_path)
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self.enabled and self.run_id:
+            self.client.set_terminated(self.run_id, status=status)
