@@ -28,6 +28,18 @@ def _smoothed_rate(train: pd.DataFrame, key: str, evaluate: pd.DataFrame) -> np.
     return evaluate[key].map(rate).fillna(overall).to_numpy(dtype=np.float64)
 
 
+def _history_share(train: pd.DataFrame, evaluate: pd.DataFrame) -> np.ndarray:
+    """Share of liked items in the row's own history window (the same window the LLM reads).
+
+    A per-user rate from train would be useless under the global time split: most evaluated rows
+    belong to users who only appear after the train cut-off.
+    """
+    overall = train["label"].mean()
+    liked = evaluate["liked"].map(len).to_numpy(dtype=np.float64)
+    seen = liked + evaluate["disliked"].map(len).to_numpy(dtype=np.float64)
+    return (liked + SMOOTHING * overall) / (seen + SMOOTHING)
+
+
 def _index(values, vocab: pd.Index) -> torch.Tensor:
     # Unknown ids map to -1; callers mask them to zero embeddings and biases.
     return torch.from_numpy(vocab.get_indexer(values).astype(np.int64))
@@ -123,7 +135,7 @@ def _score_mf(train: pd.DataFrame, evaluate: pd.DataFrame, seed: int) -> np.ndar
 def baseline_scores(train: pd.DataFrame, evaluate: pd.DataFrame, seed: int = 0) -> dict[str, np.ndarray]:
     return {
         "popularity": _smoothed_rate(train, "item", evaluate),
-        "history_share": _smoothed_rate(train, "user", evaluate),
+        "history_share": _history_share(train, evaluate),
         "logistic_mf": _logistic_mf(train, evaluate, seed),
     }
 

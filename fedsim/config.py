@@ -36,7 +36,10 @@ class DataConfig:
     history_len: int = 10
     like_threshold: float = 3.0
     split: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
-    # Per-client caps on rows of each split; None keeps all rows (CPU runs need caps).
+    # A fixed random subset of the valid and test splits, drawn before users are split into clients,
+    # so runs with different client counts are scored on the same rows. None keeps every row.
+    max_eval_rows: Optional[int] = None
+    # Per-client caps on rows of each split; None keeps all rows.
     max_train_per_client: Optional[int] = None
     max_valid_per_client: Optional[int] = None
     max_test_per_client: Optional[int] = None
@@ -224,7 +227,7 @@ def validate(cfg: Config) -> Config:
     _check(d.history_len >= 1, "data.history_len", d.history_len, "must be >= 1")
     _check(len(d.split) == 3 and all(x > 0 for x in d.split) and abs(sum(d.split) - 1) < 1e-6,
            "data.split", d.split, "must be three positive fractions (train, valid, test) summing to 1")
-    for k in ("max_train_per_client", "max_valid_per_client", "max_test_per_client"):
+    for k in ("max_eval_rows", "max_train_per_client", "max_valid_per_client", "max_test_per_client"):
         v = getattr(d, k)
         _check(v is None or v >= 1, f"data.{k}", v, "must be >= 1 or null")
     s = d.synthetic

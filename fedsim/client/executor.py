@@ -23,6 +23,7 @@ from fedsim.data.prompt import render_prompt
 from fedsim.models.loader import load_base
 from fedsim.models.lora import attach_lora, export_state, get_flat, set_flat, trainable
 from fedsim.models.scoring import answer_token_ids, encode, p_yes, preference_loss, yes_no_logits
+from fedsim.postprocessors import ClientContext, build_postprocessors, run_client_hooks
 
 
 def shard_path(run_dir: Path, client: int) -> Path:
@@ -86,6 +87,7 @@ class ClientExecutor:
         self.params = trainable(self.model)
         self.yes_id, self.no_id = answer_token_ids(self.tokenizer)
         self.store = ClientStore(self.run_dir / "client_state")
+        self.postprocessors = build_postprocessors(self.cfg)
 
     def ready(self) -> dict:
         return {"executor": self.executor_id, "pid": os.getpid(), "device": str(self.device),
@@ -111,8 +113,9 @@ class ClientExecutor:
                     marker.touch()
                     os._exit(1)  # a real process death, as a lost machine would look
 
-    def train(self, client: int, round: int, params: torch.Tensor, lr: float) -> tuple[dict, torch.Tensor]:
-        """Local training from `params`; returns (metadata, delta = trained - received)."""
+    def train(self, client: int, round: int, params: torch.Tensor, lr: float, num_sampled: int) -> tuple[dict, torch.Tensor]:
+        """Local training from `params`; returns (metadata, delta = trained - received), the delta
+        already through the client-side postprocessors."""
         self._maybe_crash(client, round)
         t0 = time.perf_counter()
         t = self.cfg.train
@@ -149,8 +152,11 @@ class ClientExecutor:
         self.model.eval()
         self.store.save(client, round, {"opt": opt.state_dict()})
         delta = get_flat(self.params) - params.float()
-        meta = {"client": client, "executor": self.executor_id, "num_samples": seen, "steps": steps,
-                "loss": float(np.mean(losses)), "seconds": time.perf_counter() - t0}
+        ctx = ClientContext(client, round, seen, num_sampled, self.cfg.clients.num)
+        delta, weight, post_metrics = run_client_hooks(self.postprocessors, delta, float(seen), ctx)
+        meta = {"client": client, "executor": self.executor_id, "num_samples": seen, "weight": weight,
+                "steps": steps, "lr": lr, "loss": float(np.mean(losses)), "seconds": time.perf_counter() - t0,
+                **post_metrics}
         return meta, delta
 
     @torch.no_grad()

@@ -8,6 +8,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from fedsim.data.samples import SPLITS
+
 METHODS = ("iid", "dirichlet", "kmeans")
 _KMEANS_ITERS = 100
 
@@ -151,7 +153,7 @@ def partition_stats(shard_paths: list[Path]) -> pd.DataFrame:
         rows.append({
             "client": int(Path(path).stem.split("_")[-1]),
             "users": int(df["user"].nunique()),
-            **{s: int(counts.get(s, 0)) for s in ("train", "valid", "test")},
+            **{s: int(counts.get(s, 0)) for s in SPLITS},
             "like_rate": float(df["label"].mean()) if len(df) else float("nan"),
         })
-    return pd.DataFrame(rows, columns=["client", "users", "train", "valid", "test", "like_rate"])
+    return pd.DataFrame(rows, columns=["client", "users", *SPLITS, "like_rate"])

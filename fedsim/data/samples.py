@@ -45,8 +45,6 @@ def build_samples(ratings: pd.DataFrame, items: pd.DataFrame, history_len=10, li
     group_start = np.maximum.accumulate(np.where(first, np.arange(len(r)), 0))
     pos = np.arange(len(r)) - group_start
     rows = np.flatnonzero(pos >= 1)  # a sample needs at least one earlier rating
-    sample_of_row = np.full(len(r), -1)
-    sample_of_row[rows] = np.arange(len(rows))
 
     # All (history row, sample) pairs: offsets -history_len..-1, kept when inside the same user.
     offsets = np.arange(-history_len, 0)
@@ -71,9 +69,9 @@ def build_samples(ratings: pd.DataFrame, items: pd.DataFrame, history_len=10, li
     n = len(samples)
     cut_train = int(round(n * fractions[0]))
     cut_valid = int(round(n * (fractions[0] + fractions[1])))
-    split_of = np.full(n, "test", dtype=object)
-    split_of[:cut_train] = "train"
-    split_of[cut_train:cut_valid] = "valid"
+    split_of = np.full(n, SPLITS[2], dtype=object)
+    split_of[:cut_train] = SPLITS[0]
+    split_of[cut_train:cut_valid] = SPLITS[1]
     samples["split"] = pd.Series(split_of, dtype="str")
     return samples
 

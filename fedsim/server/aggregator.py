@@ -4,13 +4,16 @@ from __future__ import annotations
 import ray
 import torch
 
+from fedsim.postprocessors import RoundContext, build_postprocessors, run_server_hooks
 from fedsim.server.strategy import Update, make_strategy
 
 
 class Aggregator:
     def __init__(self, cfg, initial_params: torch.Tensor):
+        self.num_clients = cfg.clients.num
         self.strategy = make_strategy(cfg)
         self.strategy.initialize(initial_params, cfg.clients.num)
+        self.postprocessors = build_postprocessors(cfg)
         self.bytes_down = 0
 
     def params_for(self, clients: list[int], count: bool = True) -> dict[int, ray.ObjectRef]:
@@ -27,9 +30,14 @@ class Aggregator:
             self.bytes_down += t.numel() * t.element_size() if count else 0
         return out
 
-    def aggregate(self, round: int, metas: list[dict], *deltas: torch.Tensor) -> dict[str, float]:
-        updates = [Update(m["client"], d, m["num_samples"], m) for m, d in zip(metas, deltas)]
-        metrics = self.strategy.aggregate(round, updates) if updates else {}
+    def client_lrs(self, clients: list[int], base_lr: float) -> dict[int, float]:
+        return {c: self.strategy.client_lr(c, base_lr) for c in clients}
+
+    def aggregate(self, round: int, num_sampled: int, metas: list[dict], *deltas: torch.Tensor) -> dict[str, float]:
+        updates = [Update(m["client"], d, m["num_samples"], m["weight"], m) for m, d in zip(metas, deltas)]
+        ctx = RoundContext(round, num_sampled, len(updates), self.num_clients)
+        finish = lambda step: run_server_hooks(self.postprocessors, step, ctx)  # noqa: E731
+        metrics = self.strategy.aggregate(round, updates, finish) if updates else {}
         metrics["bytes_up"] = float(sum(d.numel() * d.element_size() for d in deltas))
         metrics["bytes_down"] = float(self.bytes_down)
         self.bytes_down = 0
@@ -39,7 +47,9 @@ class Aggregator:
         return self.strategy.global_params()
 
     def state_dict(self) -> dict:
-        return self.strategy.state_dict()
+        return {"strategy": self.strategy.state_dict(), "postprocessors": [p.state_dict() for p in self.postprocessors]}
 
     def load_state_dict(self, state: dict) -> None:
-        self.strategy.load_state_dict(state)
+        self.strategy.load_state_dict(state["strategy"])
+        for p, s in zip(self.postprocessors, state["postprocessors"]):
+            p.load_state_dict(s)

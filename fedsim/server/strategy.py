@@ -7,8 +7,16 @@ deltas (trained adapter minus the adapter the client received), as flat float32 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
+
+# Server-side postprocessing of an aggregated step (e.g. central DP noise): step -> (step, metrics).
+Finish = Callable[[torch.Tensor], tuple[torch.Tensor, dict]]
+
+
+def no_finish(step: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    return step, {}
 
 
 @dataclass
@@ -16,6 +24,7 @@ class Update:
     client: int
     delta: torch.Tensor
     num_samples: int
+    weight: float  # aggregation weight: the sample count unless a postprocessor changed it
     metrics: dict = field(default_factory=dict)
 
 
@@ -28,8 +37,14 @@ class Strategy:
     def params_for(self, client: int) -> torch.Tensor:
         raise NotImplementedError
 
-    def aggregate(self, round: int, updates: list[Update]) -> dict[str, float]:
+    def aggregate(self, round: int, updates: list[Update], finish: Finish = no_finish) -> dict[str, float]:
+        """Fold the round's updates in; pass each aggregated step through `finish` before applying it."""
         raise NotImplementedError
+
+    def client_lr(self, client: int, base_lr: float) -> float:
+        """The learning rate this client trains with next round (rules that control learning speed
+        override this)."""
+        return base_lr
 
     def global_params(self) -> torch.Tensor:
         """The model a user takes away at the end (for personalised rules, a consensus)."""
@@ -59,10 +74,11 @@ class FedAvg(Strategy):
     def params_for(self, client):
         return self.params
 
-    def aggregate(self, round, updates):
-        step = weighted_mean([u.delta for u in updates], [u.num_samples for u in updates])
+    def aggregate(self, round, updates, finish=no_finish):
+        step = weighted_mean([u.delta for u in updates], [u.weight for u in updates])
+        step, metrics = finish(step)
         self.params = self.params + step
-        return {"update_norm": float(step.norm())}
+        return {"update_norm": float(step.norm()), **metrics}
 
     def global_params(self):
         return self.params
