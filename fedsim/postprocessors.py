@@ -44,6 +44,10 @@ class Postprocessor:
     def on_server_aggregate(self, step: torch.Tensor, ctx: RoundContext) -> tuple[torch.Tensor, dict]:
         return step, {}
 
+    def params(self) -> dict:
+        """Derived settings to record as MLflow params (e.g. a calibrated noise multiplier)."""
+        return {}
+
     def state_dict(self) -> dict:
         return {}
 

@@ -245,6 +245,8 @@ class Simulation:
         for m in metas:
             metrics[f"client/{m['client']}/train_loss"] = m["loss"]
             metrics[f"client/{m['client']}/lr"] = m["lr"]
+            for k, v in m["metrics"].items():  # what the client-side postprocessors reported
+                metrics[f"client/{m['client']}/{k}"] = v
         return metrics, sorted(failures)
 
     def _evaluate(self, round: int, progress: Progress) -> dict:
@@ -276,7 +278,8 @@ class Simulation:
         try:
             if ckpt:
                 ray.get(self.aggregator.load_state_dict.remote(ckpt["strategy"]))
-            params = {**flatten(to_dict(cfg)), "run_dir": str(self.run_dir), "lora_params": self.lora_params}
+            params = {**flatten(to_dict(cfg)), "run_dir": str(self.run_dir), "lora_params": self.lora_params,
+                      **ray.get(self.aggregator.describe.remote())}
             self.tracker.start(cfg.name, params, run_id=ckpt.get("mlflow_run_id") if ckpt else None)
             if not ckpt:
                 self.tracker.log_metrics({f"baseline/{k}/{m}": v for k, d in info["baselines"].items()
@@ -333,8 +336,9 @@ class Simulation:
         if done:
             self._export_adapter()
             plot = plot_client_auc(history, cfg.clients.num, self.run_dir / "client_auc.png")
+            extra = ray.get(self.aggregator.write_artifacts.remote(str(self.run_dir)))
             for path in (self.run_dir / "config.yaml", self.run_dir / "partition.csv",
-                         self.run_dir / "summary.json", plot):
+                         self.run_dir / "summary.json", plot, *map(Path, extra)):
                 if path:
                     self.tracker.log_artifact(path)
             self.tracker.log_artifact(self.run_dir / "adapter", "adapter")

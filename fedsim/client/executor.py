@@ -156,7 +156,7 @@ class ClientExecutor:
         delta, weight, post_metrics = run_client_hooks(self.postprocessors, delta, float(seen), ctx)
         meta = {"client": client, "executor": self.executor_id, "num_samples": seen, "weight": weight,
                 "steps": steps, "lr": lr, "loss": float(np.mean(losses)), "seconds": time.perf_counter() - t0,
-                **post_metrics}
+                "metrics": post_metrics}
         return meta, delta
 
     @torch.no_grad()

@@ -30,6 +30,16 @@ class Aggregator:
             self.bytes_down += t.numel() * t.element_size() if count else 0
         return out
 
+    def describe(self) -> dict:
+        """Derived settings of the strategy and postprocessors, logged as MLflow params."""
+        out = {}
+        for p in self.postprocessors:
+            out.update(p.params())
+        return out
+
+    def write_artifacts(self, out_dir: str) -> list:
+        return [str(p) for p in self.strategy.write_artifacts(out_dir)]
+
     def client_lrs(self, clients: list[int], base_lr: float) -> dict[int, float]:
         return {c: self.strategy.client_lr(c, base_lr) for c in clients}
 

@@ -41,6 +41,10 @@ class Strategy:
         """Fold the round's updates in; pass each aggregated step through `finish` before applying it."""
         raise NotImplementedError
 
+    def write_artifacts(self, out_dir) -> list:
+        """Files worth keeping at the end of a run (plots, matrices); returns their paths."""
+        return []
+
     def client_lr(self, client: int, base_lr: float) -> float:
         """The learning rate this client trains with next round (rules that control learning speed
         override this)."""
