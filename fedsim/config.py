@@ -100,8 +100,23 @@ class TrainConfig:
 
 
 @dataclass
+class PPLRConfig:
+    # PPLR dynamic balance: w_i = tanh(alpha / p_i^(round + 1/beta)), p = softmax(train losses / temperature).
+    alpha: float = 0.7
+    beta: float = 1.0
+    temperature: float = 0.05
+    # Next-round learning rate from each client's standing: `loss_gap` scales base lr by
+    # clip(1 + lr_gamma * z-score of the client's last train loss, lr_min_scale, lr_max_scale).
+    lr_rule: Literal["none", "loss_gap"] = "loss_gap"
+    lr_gamma: float = 0.5
+    lr_min_scale: float = 0.5
+    lr_max_scale: float = 2.0
+
+
+@dataclass
 class StrategyConfig:
-    name: Literal["fedavg"] = "fedavg"
+    name: Literal["fedavg", "pplr"] = "fedavg"
+    pplr: PPLRConfig = field(default_factory=PPLRConfig)
 
 
 @dataclass
@@ -128,6 +143,48 @@ class TrackingConfig:
 
 
 @dataclass
+class ClientDPConfig:
+    """Client-level DP-FedAvg (McMahan et al. 2018): clip each client's update, average uniformly,
+    add Gaussian noise on the server. Set exactly one of `epsilon` (a target for the whole run, the
+    noise is calibrated to it) and `noise_multiplier`."""
+    enabled: bool = False
+    epsilon: Optional[float] = None
+    noise_multiplier: Optional[float] = None
+    delta: float = 1e-5
+    clip: float = 1.0
+    accountant: Literal["rdp", "prv"] = "rdp"
+
+
+@dataclass
+class DPLoraConfig:
+    """Local Gaussian mechanism on the LoRA A and B parts of each client's update, clipped apart."""
+    enabled: bool = False
+    clip: float = 1.0
+    noise_multiplier: float = 1.0
+    delta: float = 1e-5
+
+
+@dataclass
+class SampleDPConfig:
+    """Record-level DP-SGD on each client (Opacus): Poisson-sampled batches, per-sample clipping,
+    Gaussian noise. Set exactly one of `epsilon` (a per-client target over the whole run) and
+    `noise_multiplier`."""
+    enabled: bool = False
+    epsilon: Optional[float] = None
+    noise_multiplier: Optional[float] = None
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    accountant: Literal["rdp", "prv"] = "rdp"
+
+
+@dataclass
+class PrivacyConfig:
+    client_dp: ClientDPConfig = field(default_factory=ClientDPConfig)
+    dp_lora: DPLoraConfig = field(default_factory=DPLoraConfig)
+    sample_dp: SampleDPConfig = field(default_factory=SampleDPConfig)
+
+
+@dataclass
 class Config:
     name: str = "run"
     output_dir: str = "runs"
@@ -141,6 +198,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,11 +317,54 @@ def validate(cfg: Config) -> Config:
     _check(t.lr > 0, "train.lr", t.lr, "must be > 0")
     _check(cfg.eval.every >= 1, "eval.every", cfg.eval.every, "must be >= 1")
     _check(cfg.eval.batch_size >= 1, "eval.batch_size", cfg.eval.batch_size, "must be >= 1")
+    pp = cfg.strategy.pplr
+    for k in ("alpha", "beta", "temperature"):
+        _check(getattr(pp, k) > 0, f"strategy.pplr.{k}", getattr(pp, k), "must be > 0")
+    _check(0 < pp.lr_min_scale <= 1, "strategy.pplr.lr_min_scale", pp.lr_min_scale, "must be in (0, 1]")
+    _check(pp.lr_max_scale >= 1, "strategy.pplr.lr_max_scale", pp.lr_max_scale, "must be >= 1")
     _check(0 < cfg.faults.quorum <= 1, "faults.quorum", cfg.faults.quorum, "must be in (0, 1]")
     for i, crash in enumerate(cfg.faults.crash):
         _check(set(crash) == {"round", "client"}, f"faults.crash[{i}]", crash, "needs exactly the keys round and client")
         _check(0 <= crash["client"] < c.num, f"faults.crash[{i}].client", crash["client"], f"must be in [0, {c.num})")
+    _validate_privacy(cfg)
     return cfg
+
+
+def _validate_privacy(cfg: Config) -> None:
+    """Checks of the enabled privacy mechanisms (a disabled one's settings are not looked at).
+    Whether an epsilon target can be reached at all is known only when the noise is calibrated,
+    which raises a ValueError naming the key before the first round."""
+    n = cfg.clients.num
+    for name in ("client_dp", "sample_dp"):
+        p = getattr(cfg.privacy, name)
+        if not p.enabled:
+            continue
+        key = f"privacy.{name}"
+        _check((p.epsilon is None) != (p.noise_multiplier is None), f"{key}.epsilon", p.epsilon,
+               f"set exactly one of {key}.epsilon (a target) and {key}.noise_multiplier "
+               f"(got noise_multiplier={p.noise_multiplier!r})")
+        _check(p.epsilon is None or p.epsilon > 0, f"{key}.epsilon", p.epsilon, "must be > 0")
+        _check(p.noise_multiplier is None or p.noise_multiplier > 0, f"{key}.noise_multiplier",
+               p.noise_multiplier, "must be > 0")
+        _check(0 < p.delta < 1, f"{key}.delta", p.delta, "must be in (0, 1)")
+    cd = cfg.privacy.client_dp
+    if cd.enabled:
+        # Client-level DP protects one client among N: a delta of 1/N or more allows releasing one
+        # client's update outright.
+        _check(cd.delta < 1 / n, "privacy.client_dp.delta", cd.delta, f"must be < 1/clients.num = {1 / n:.4g}")
+        _check(cd.clip > 0, "privacy.client_dp.clip", cd.clip, "must be > 0")
+        # The noise is scaled to a uniform mean of clipped updates, taken once per round; a rule
+        # that mixes updates otherwise (or finishes one step per client) breaks the bound.
+        _check(cfg.strategy.name == "fedavg", "privacy.client_dp.enabled", cd.enabled,
+               f"needs strategy.name 'fedavg' (DP-FedAvg), not {cfg.strategy.name!r}")
+    dl = cfg.privacy.dp_lora
+    if dl.enabled:
+        _check(dl.clip > 0, "privacy.dp_lora.clip", dl.clip, "must be > 0")
+        _check(dl.noise_multiplier > 0, "privacy.dp_lora.noise_multiplier", dl.noise_multiplier, "must be > 0")
+        _check(0 < dl.delta < 1, "privacy.dp_lora.delta", dl.delta, "must be in (0, 1)")
+    sd = cfg.privacy.sample_dp
+    if sd.enabled:
+        _check(sd.max_grad_norm > 0, "privacy.sample_dp.max_grad_norm", sd.max_grad_norm, "must be > 0")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ inside it (as clip-then-noise, mask-then-unmask need).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,6 +24,9 @@ class ClientContext:
     num_samples: int
     num_sampled: int  # m: clients sampled this round
     num_clients: int  # N: clients in the population
+    # This client's persistent state for client hooks (e.g. a privacy accountant), kept in the
+    # client's store between rounds; hooks read and update it in place under their own key.
+    state: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -55,9 +58,25 @@ class Postprocessor:
         pass
 
 
-def build_postprocessors(cfg) -> list[Postprocessor]:
-    """The ordered chain for a config; each feature that lands adds its entry here."""
-    return []
+def build_postprocessors(cfg, layout: list[tuple[str, int]] | None = None) -> list[Postprocessor]:
+    """The ordered chain for a config; each feature that lands adds its entry here.
+
+    `layout` ((name, numel) per block of the flat adapter vector, `fedsim.models.lora.flat_layout`)
+    is given by the client executor, which knows the model; the aggregator builds the same chain
+    without it (its server hooks, params and state do not need it).
+    """
+    chain: list[Postprocessor] = []
+    privacy = getattr(cfg, "privacy", None)
+    # Record-level DP-SGD (privacy.sample_dp) is in the client's optimizer, not in this chain.
+    if privacy is not None and privacy.dp_lora.enabled:
+        from fedsim.privacy.dp_lora import DPLoRA
+
+        chain.append(DPLoRA(cfg, layout))
+    if privacy is not None and privacy.client_dp.enabled:
+        from fedsim.privacy.client_dp import ClientDP
+
+        chain.append(ClientDP(cfg))
+    return chain
 
 
 def run_client_hooks(chain: list[Postprocessor], delta: torch.Tensor, weight: float,
@@ -75,3 +94,12 @@ def run_server_hooks(chain: list[Postprocessor], step: torch.Tensor, ctx: RoundC
         step, m = p.on_server_aggregate(step, ctx)
         metrics.update(m)
     return step, metrics
+
+
+def describe(cfg) -> dict:
+    """Derived settings of the chain, computed in the driver before any actor starts, so that an
+    impossible setting (an unreachable privacy target) fails fast with a plain message."""
+    out = {}
+    for p in build_postprocessors(cfg):
+        out.update(p.params())
+    return out

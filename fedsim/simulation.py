@@ -20,6 +20,7 @@ import yaml
 from fedsim.client.executor import ClientExecutor
 from fedsim.config import Config, config_from_dict, flatten, save_config, to_dict
 from fedsim.metrics import accuracy, auc, logloss
+from fedsim.postprocessors import describe
 from fedsim.prepare import prepare
 from fedsim.report import Progress, plot_client_auc, summary_table
 from fedsim.server.aggregator import Aggregator
@@ -45,7 +46,8 @@ def init_ray(log=print) -> None:
         log(f"joining the Ray cluster at {address}")
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(include_dashboard=False, log_to_driver=True, configure_logging=False)
+        # "local": a fresh instance of our own, not whatever cluster happens to run on this machine.
+        ray.init(address="local", include_dashboard=False, log_to_driver=True, configure_logging=False)
 
 
 def executor_resources(cfg: Config) -> tuple[int, float, float]:
@@ -234,7 +236,9 @@ class Simulation:
         agg = ray.get(self.aggregator.aggregate.remote(round, len(sampled), metas, *deltas))
         n = sum(m["num_samples"] for m in metas)
         metrics = {
-            "train_loss": float(sum(m["loss"] * m["num_samples"] for m in metas) / n),
+            # Poisson batches (DP-SGD) can leave a client with no rows; weigh losses by clients then.
+            "train_loss": float(sum(m["loss"] * m["num_samples"] for m in metas) / n) if n else
+            float(np.mean([m["loss"] for m in metas])),
             "clients_sampled": float(len(sampled)),
             "clients_reported": float(len(done)),
             "clients_dropped": float(len(failures)),
@@ -264,6 +268,7 @@ class Simulation:
         many rounds in total, as an interruption would, leaving a resumable checkpoint."""
         cfg = self.cfg
         t_start = time.perf_counter()
+        derived = describe(cfg)  # may raise (e.g. an unreachable privacy target): before any work
         info = prepare(cfg, self.run_dir, self.log)
         ckpt = load_checkpoint(self.run_dir) if self.resuming else None
         start = ckpt["round"] + 1 if ckpt else 0
@@ -279,7 +284,7 @@ class Simulation:
             if ckpt:
                 ray.get(self.aggregator.load_state_dict.remote(ckpt["strategy"]))
             params = {**flatten(to_dict(cfg)), "run_dir": str(self.run_dir), "lora_params": self.lora_params,
-                      **ray.get(self.aggregator.describe.remote())}
+                      **derived}
             self.tracker.start(cfg.name, params, run_id=ckpt.get("mlflow_run_id") if ckpt else None)
             if not ckpt:
                 self.tracker.log_metrics({f"baseline/{k}/{m}": v for k, d in info["baselines"].items()

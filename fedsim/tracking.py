@@ -40,7 +40,7 @@ class Tracker:
     def start(self, run_name: str, params: dict, run_id: str | None = None, tags: dict | None = None) -> str | None:
         if not self.enabled:
             return None
-        from mlflow.entities import Param, RunTag
+        from mlflow.entities import Param
 
         if run_id:  # resuming: keep writing into the interrupted run
             self.client.update_run(run_id, status="RUNNING")

@@ -10,7 +10,8 @@ def ray_local():
     """One real local Ray instance for the whole test session (starting one costs seconds)."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # address="local": always a fresh instance, never whatever cluster is already on the machine.
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
 

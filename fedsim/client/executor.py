@@ -21,7 +21,7 @@ import torch
 from fedsim.config import config_from_dict
 from fedsim.data.prompt import render_prompt
 from fedsim.models.loader import load_base
-from fedsim.models.lora import attach_lora, export_state, get_flat, set_flat, trainable
+from fedsim.models.lora import attach_lora, export_state, flat_layout, get_flat, set_flat, trainable
 from fedsim.models.scoring import answer_token_ids, encode, p_yes, preference_loss, yes_no_logits
 from fedsim.postprocessors import ClientContext, build_postprocessors, run_client_hooks
 
@@ -87,7 +87,12 @@ class ClientExecutor:
         self.params = trainable(self.model)
         self.yes_id, self.no_id = answer_token_ids(self.tokenizer)
         self.store = ClientStore(self.run_dir / "client_state")
-        self.postprocessors = build_postprocessors(self.cfg)
+        self.postprocessors = build_postprocessors(self.cfg, flat_layout(self.model))
+        self.sample_dp = None
+        if self.cfg.privacy.sample_dp.enabled:
+            from fedsim.privacy.dp_sgd import SampleDP
+
+            self.sample_dp = SampleDP(self.model, self.cfg)
 
     def ready(self) -> dict:
         return {"executor": self.executor_id, "pid": os.getpid(), "device": str(self.device),
@@ -133,30 +138,41 @@ class ClientExecutor:
         rng = np.random.default_rng(seed)
         torch.manual_seed(seed)
         steps = t.local_steps or max(1, math.ceil(t.local_epochs * len(rows) / t.batch_size))
-        order, pos, losses, seen = rng.permutation(len(rows)), 0, [], 0
-        self.model.train()
-        for _ in range(steps):
-            if pos + t.batch_size > len(order) and pos > 0:
-                order, pos = rng.permutation(len(rows)), 0
-            idx = order[pos:pos + t.batch_size]
-            pos += len(idx)
+        # Per-client state that privacy accountants and client hooks keep across rounds.
+        state = (saved or {}).get("privacy", {})
+
+        def loss_of(idx):
             batch = rows.iloc[idx]
             logits = yes_no_logits(self.model, self._batch(batch), self.yes_id, self.no_id)
             labels = torch.tensor(batch["label"].to_numpy(), device=logits.device)
-            loss = preference_loss(logits, labels)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            seen += len(idx)
+            return preference_loss(logits, labels)
+
+        self.model.train()
+        if self.sample_dp is not None:  # record-level DP-SGD (Poisson batches, per-sample clipping, noise)
+            losses, seen, dp_metrics = self.sample_dp.train(opt, loss_of, len(rows), steps, rng, client, round, state)
+            weight = self.sample_dp.expected_samples(len(rows), steps)
+        else:
+            order, pos, losses, seen, dp_metrics = rng.permutation(len(rows)), 0, [], 0, {}
+            for _ in range(steps):
+                if pos + t.batch_size > len(order) and pos > 0:
+                    order, pos = rng.permutation(len(rows)), 0
+                idx = order[pos:pos + t.batch_size]
+                pos += len(idx)
+                loss = loss_of(idx)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+                seen += len(idx)
+            weight = float(seen)
         self.model.eval()
-        self.store.save(client, round, {"opt": opt.state_dict()})
         delta = get_flat(self.params) - params.float()
-        ctx = ClientContext(client, round, seen, num_sampled, self.cfg.clients.num)
-        delta, weight, post_metrics = run_client_hooks(self.postprocessors, delta, float(seen), ctx)
+        ctx = ClientContext(client, round, seen, num_sampled, self.cfg.clients.num, state)
+        delta, weight, post_metrics = run_client_hooks(self.postprocessors, delta, weight, ctx)
+        self.store.save(client, round, {"opt": opt.state_dict(), "privacy": state})
         meta = {"client": client, "executor": self.executor_id, "num_samples": seen, "weight": weight,
-                "steps": steps, "lr": lr, "loss": float(np.mean(losses)), "seconds": time.perf_counter() - t0,
-                "metrics": post_metrics}
+                "steps": steps, "lr": lr, "loss": float(np.mean(losses)) if losses else float("nan"),
+                "seconds": time.perf_counter() - t0, "metrics": {**dp_metrics, **post_metrics}}
         return meta, delta
 
     @torch.no_grad()

@@ -5,14 +5,14 @@ import hashlib
 import http.client
 import io
 import os
-import subprocess
-import sys
 import tempfile
 import urllib.request
 import zipfile
 from pathlib import Path
 
 import pandas as pd
+
+from fedsim.cache import download_wheel, fedsim_home, sha256_file
 
 GROUPLENS_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
 RECBOLE_REQUIREMENT = "recbole==1.2.1"
@@ -35,24 +35,12 @@ class _Unavailable(Exception):
     """A source could not be reached; the next source is tried."""
 
 
-def fedsim_home() -> Path:
-    return Path(os.environ.get("FEDSIM_HOME", "~/.cache/fedsim")).expanduser()
-
-
 def _dataset_dir(home: Path | None) -> Path:
     return Path(home if home is not None else fedsim_home()) / "data" / "movielens-100k"
 
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def canonical_ratings_csv(ratings: pd.DataFrame) -> str:
@@ -150,17 +138,11 @@ def read_recbole_wheel(wheel: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 def _from_recbole(log) -> tuple[pd.DataFrame, pd.DataFrame, str]:
     log(f"fedsim: fetching MovieLens-100K from the PyPI wheel {RECBOLE_REQUIREMENT}")
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               RECBOLE_REQUIREMENT, "-d", tmp]
         try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        except (OSError, subprocess.SubprocessError) as e:
-            raise _Unavailable(f"pip download failed: {e}") from e
-        wheels = sorted(Path(tmp).glob("recbole-*.whl"))
-        if done.returncode != 0 or not wheels:
-            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise _Unavailable(f"pip download {RECBOLE_REQUIREMENT} failed: {tail[0]}")
-        return *read_recbole_wheel(wheels[0]), f"{wheels[0].name} from PyPI"
+            wheel = download_wheel(RECBOLE_REQUIREMENT, Path(tmp))
+        except RuntimeError as e:
+            raise _Unavailable(str(e)) from e
+        return *read_recbole_wheel(wheel), f"{wheel.name} from PyPI"
 
 
 def _write_parquet(df: pd.DataFrame, path: Path) -> None:

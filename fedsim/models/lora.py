@@ -26,6 +26,12 @@ def trainable(model) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def flat_layout(model) -> list[tuple[str, int]]:
+    """(parameter name, number of entries) for each trainable parameter, in flat-vector order:
+    what a postprocessor needs to find a part of the adapter (e.g. every `lora_A` block)."""
+    return [(name, p.numel()) for name, p in model.named_parameters() if p.requires_grad]
+
+
 def get_flat(params: list[torch.nn.Parameter]) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1).float().cpu() for p in params])
 

@@ -30,13 +30,6 @@ class Aggregator:
             self.bytes_down += t.numel() * t.element_size() if count else 0
         return out
 
-    def describe(self) -> dict:
-        """Derived settings of the strategy and postprocessors, logged as MLflow params."""
-        out = {}
-        for p in self.postprocessors:
-            out.update(p.params())
-        return out
-
     def write_artifacts(self, out_dir: str) -> list:
         return [str(p) for p in self.strategy.write_artifacts(out_dir)]
 

@@ -31,6 +31,11 @@ class Update:
 class Strategy:
     name = "base"
 
+    @classmethod
+    def from_config(cls, cfg) -> "Strategy":
+        """Build the rule from the run's config (rules with settings read their `strategy.*` section)."""
+        return cls()
+
     def initialize(self, params: torch.Tensor, num_clients: int) -> None:
         raise NotImplementedError
 
@@ -98,4 +103,9 @@ STRATEGIES = {cls.name: cls for cls in (FedAvg,)}
 
 
 def make_strategy(cfg) -> Strategy:
-    return STRATEGIES[cfg.strategy.name]()
+    return STRATEGIES[cfg.strategy.name].from_config(cfg)
+
+
+# Rules in their own modules subclass the classes above and add themselves to STRATEGIES when
+# imported; importing them here, last, registers them whichever module is imported first.
+import fedsim.server.pplr  # noqa: E402,F401

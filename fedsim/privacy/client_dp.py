@@ -1,0 +1,108 @@
+"""Client-level DP-FedAvg (McMahan et al., "Learning differentially private recurrent language
+models", 2018) as a postprocessor.
+
+- Client hook: clip the client's delta to L2 norm `clip` (C) and set its aggregation weight to 1.
+- Server hook: the strategy's uniform mean over the m sampled clients gets N(0, (z C / m)^2) noise
+  per entry, and the accountant records one subsampled Gaussian step with q = m / N.
+
+What is protected is a whole client (all of its data, add/remove adjacency): its contribution to
+the sum of clipped updates is at most C, so the mean over m moves by at most C / m, the
+sensitivity the noise is scaled to. That bound holds only for a *uniform* mean: a sample-weighted
+mean would let a client with many rows move the model by up to C * n_k / sum(n), and the weights
+themselves would reveal the clients' data sizes. Hence weight 1 for every client.
+
+m is the number of clients *sampled* this round, not the number that reported: the denominator
+must not depend on the data (nor on who dropped out), so when clients drop the strategy's mean
+over the r reporting clients is rescaled by r / m (the fixed-denominator estimator) before the
+noise is added. Accounting treats the client sampling as Poisson with rate q = m / N, as is usual;
+fedsim samples a fixed number m of clients per round, for which this is the standard
+approximation (exact when every client is sampled, q = 1).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fedsim.postprocessors import ClientContext, Postprocessor, RoundContext
+from fedsim.privacy import noise_seed
+from fedsim.privacy.accountant import calibrate_noise, epsilon_for, make_accountant
+
+NOISE_TAG = 0xC11E
+
+
+def clients_per_round(cfg) -> int:
+    """m as `fedsim.simulation.sample_clients` draws it (a count, or a fraction of clients.num)."""
+    k, n = cfg.clients.per_round, cfg.clients.num
+    return k if isinstance(k, int) else max(1, int(math.floor(k * n + 0.5)))
+
+
+def clip_to(v: torch.Tensor, clip: float) -> tuple[torch.Tensor, float]:
+    """`v` scaled down (never up) to L2 norm <= clip; returns it and v's norm before clipping."""
+    norm = float(v.double().norm())
+    if norm <= clip:
+        return v, norm
+    # The (1 + 1e-6) keeps float32 rounding from leaving the result a hair above `clip`.
+    return v * (clip / (norm * (1 + 1e-6))), norm
+
+
+class ClientDP(Postprocessor):
+    name = "client_dp"
+
+    def __init__(self, cfg):
+        p = cfg.privacy.client_dp
+        self.clip, self.delta, self.kind = p.clip, p.delta, p.accountant
+        self.target_epsilon = p.epsilon
+        self._noise_multiplier = p.noise_multiplier
+        self.num_clients = cfg.clients.num
+        self.rounds = cfg.train.rounds
+        self.sample_rate = clients_per_round(cfg) / cfg.clients.num
+        self.accountant = make_accountant(self.kind)
+        self.generator = torch.Generator().manual_seed(noise_seed(cfg.train.seed, NOISE_TAG))
+
+    @property
+    def noise_multiplier(self) -> float:
+        # Calibrated on first use: the driver's describe() runs it before any actor starts, so an
+        # unreachable target fails there; executors, which only clip, never pay for it.
+        if self._noise_multiplier is None:
+            self._noise_multiplier = calibrate_noise(
+                self.target_epsilon, self.delta, self.sample_rate, self.rounds, self.kind,
+                key="privacy.client_dp.epsilon", unit="rounds")
+        return self._noise_multiplier
+
+    def on_client_update(self, delta: torch.Tensor, weight: float, ctx: ClientContext):
+        clipped, norm = clip_to(delta, self.clip)
+        # Uniform weights: see the module docstring (a weighted mean breaks the sensitivity bound).
+        # `dp/clipped` is a simulation diagnostic for tuning C, not part of what a client releases.
+        return clipped, 1.0, {"dp/clipped": float(norm > self.clip)}
+
+    def on_server_aggregate(self, step: torch.Tensor, ctx: RoundContext):
+        m = ctx.num_sampled
+        if ctx.num_reported != m:  # mean over the r reporters -> sum / m
+            step = step * (ctx.num_reported / m)
+        z = self.noise_multiplier
+        std = z * self.clip / m
+        noise = torch.normal(0.0, std, size=step.shape, generator=self.generator, dtype=torch.float32)
+        self.accountant.step(z, m / ctx.num_clients)
+        return step + noise.to(step.device, step.dtype), {"dp/epsilon": self.accountant.get_epsilon(self.delta),
+                                                          "dp/noise_std": std}
+
+    def params(self) -> dict:
+        z = self.noise_multiplier
+        out = {"dp/noise_multiplier": z, "dp/sample_rate": self.sample_rate, "dp/delta": self.delta,
+               "dp/accountant": self.kind, "dp/clip": self.clip,
+               # What the whole run will have spent if every round samples the configured m.
+               "dp/planned_epsilon": epsilon_for(z, self.sample_rate, self.rounds, self.delta, self.kind)}
+        if self.target_epsilon is not None:
+            out["dp/target_epsilon"] = self.target_epsilon
+        return out
+
+    def state_dict(self) -> dict:
+        return {"accountant": self.accountant.state_dict(), "generator": self.generator.get_state(),
+                "noise_multiplier": self._noise_multiplier}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.accountant.load_state_dict(state["accountant"])
+        self.generator.set_state(state["generator"])
+        if state.get("noise_multiplier") is not None:
+            self._noise_multiplier = state["noise_multiplier"]
