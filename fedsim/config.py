@@ -117,6 +117,11 @@ class PPLRConfig:
 class StrategyConfig:
     name: Literal["fedavg", "pplr"] = "fedavg"
     pplr: PPLRConfig = field(default_factory=PPLRConfig)
+    # How LoRA factors are shared (fedsim.models.lora): `separate` averages A and B apart (inexact:
+    # mean(B A) != mean(B) mean(A)); `ffa` freezes A at the shared init, only B is trained and sent
+    # (exact); `fedsa` sends only A, each client keeps its own B (personalised); `stack` (FLoRA)
+    # stacks the clients' fresh factors, sum_k p_k B_k A_k exactly, and merges it into the base.
+    lora_mode: Literal["separate", "ffa", "fedsa", "stack"] = "separate"
 
 
 @dataclass
@@ -178,10 +183,31 @@ class SampleDPConfig:
 
 
 @dataclass
+class SecAggConfig:
+    """Secure aggregation (pairwise additive masks, Bonawitz et al. 2017; fedsim.privacy.secagg):
+    the aggregator holds only masked vectors and their sum. Updates are encoded in fixed point with
+    `scale_bits` fractional bits in the ring of integers mod 2^`bits` (32: int32 on the wire, else
+    int64); a weighted entry may be up to about 2^(bits - 1 - scale_bits) / (clients per round)."""
+    enabled: bool = False
+    bits: int = 48
+    scale_bits: int = 24
+
+
+@dataclass
+class AuditConfig:
+    """Loss-threshold membership-inference attack on the final model: rows a client trained on
+    against held-out rows of the same users; 0.5 = nothing to tell them apart."""
+    enabled: bool = False
+    rows_per_client: int = 64
+
+
+@dataclass
 class PrivacyConfig:
     client_dp: ClientDPConfig = field(default_factory=ClientDPConfig)
     dp_lora: DPLoraConfig = field(default_factory=DPLoraConfig)
     sample_dp: SampleDPConfig = field(default_factory=SampleDPConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
 
 
 @dataclass
@@ -322,6 +348,18 @@ def validate(cfg: Config) -> Config:
         _check(getattr(pp, k) > 0, f"strategy.pplr.{k}", getattr(pp, k), "must be > 0")
     _check(0 < pp.lr_min_scale <= 1, "strategy.pplr.lr_min_scale", pp.lr_min_scale, "must be in (0, 1]")
     _check(pp.lr_max_scale >= 1, "strategy.pplr.lr_max_scale", pp.lr_max_scale, "must be >= 1")
+    mode, pv = cfg.strategy.lora_mode, cfg.privacy
+    # PPLR mixes each client's whole adapter with the others'; fedsa keeps B out of the shared
+    # vector and stack never sends an adapter back, so neither has one to mix.
+    _check(not (mode in ("fedsa", "stack") and cfg.strategy.name == "pplr"), "strategy.lora_mode", mode,
+           "needs strategy.name 'fedavg', not 'pplr' (PPLR mixes whole per-client adapters)")
+    # A noisy mean of clipped factor deltas bounds nothing once the server multiplies the factors.
+    _check(not (mode == "stack" and pv.client_dp.enabled), "strategy.lora_mode", mode,
+           "cannot be combined with privacy.client_dp (DP-FedAvg's bound holds for a mean of updates, "
+           "not for stacked products B_k A_k); use 'separate' or 'ffa', or privacy.dp_lora")
+    _check(not (mode in ("ffa", "fedsa") and pv.dp_lora.enabled), "strategy.lora_mode", mode,
+           "cannot be combined with privacy.dp_lora, which clips the A and B parts of an upload apart; "
+           f"{mode!r} uploads only one of them (use privacy.client_dp)")
     _check(0 < cfg.faults.quorum <= 1, "faults.quorum", cfg.faults.quorum, "must be in (0, 1]")
     for i, crash in enumerate(cfg.faults.crash):
         _check(set(crash) == {"round", "client"}, f"faults.crash[{i}]", crash, "needs exactly the keys round and client")
@@ -362,9 +400,31 @@ def _validate_privacy(cfg: Config) -> None:
         _check(dl.clip > 0, "privacy.dp_lora.clip", dl.clip, "must be > 0")
         _check(dl.noise_multiplier > 0, "privacy.dp_lora.noise_multiplier", dl.noise_multiplier, "must be > 0")
         _check(0 < dl.delta < 1, "privacy.dp_lora.delta", dl.delta, "must be in (0, 1)")
+    _check(cfg.privacy.audit.rows_per_client >= 1, "privacy.audit.rows_per_client",
+           cfg.privacy.audit.rows_per_client, "must be >= 1")
     sd = cfg.privacy.sample_dp
     if sd.enabled:
         _check(sd.max_grad_norm > 0, "privacy.sample_dp.max_grad_norm", sd.max_grad_norm, "must be > 0")
+    sa = cfg.privacy.secagg
+    if sa.enabled:
+        # The server learns only the sum of the updates: a rule needing each client's own update
+        # (PPLR's per-client mixing, stacking the clients' LoRA factors) cannot run on it.
+        _check(cfg.strategy.name == "fedavg", "privacy.secagg.enabled", sa.enabled,
+               f"needs strategy.name 'fedavg' (the server sees only the sum of the updates), "
+               f"not {cfg.strategy.name!r}")
+        mode = getattr(cfg.strategy, "lora_mode", "separate")
+        _check(mode != "stack", "privacy.secagg.enabled", sa.enabled,
+               "cannot be combined with strategy.lora_mode 'stack', which needs each client's own factors")
+        _check(16 <= sa.bits <= 64, "privacy.secagg.bits", sa.bits, "must be in [16, 64]")
+        _check(0 <= sa.scale_bits <= sa.bits - 2, "privacy.secagg.scale_bits", sa.scale_bits,
+               f"must be in [0, privacy.secagg.bits - 2 = {sa.bits - 2}]")
+        k = cfg.clients.per_round
+        m = k if isinstance(k, int) else max(1, int(k * n + 0.5))  # as fedsim.simulation.sample_clients
+        limit = (2 ** (sa.bits - 1) - 1) // m / 2 ** sa.scale_bits
+        # Each client's weight is one of the encoded entries; FedAvg weights are sample counts >= 1.
+        _check(limit >= 1, "privacy.secagg.scale_bits", sa.scale_bits,
+               f"leaves entries of at most {limit:.3g} representable with {m} clients per round "
+               f"(privacy.secagg.bits={sa.bits}); lower it or raise privacy.secagg.bits")
 
 
 # ---------------------------------------------------------------------------------------------

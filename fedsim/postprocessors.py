@@ -4,17 +4,23 @@ changing.
 
 - `on_client_update` runs in the client's executor, on the client's delta, before upload
   (clipping, local noise, secure-aggregation masks, compression, re-weighting).
+- `on_server_updates` runs in the aggregator on the round's list of updates, before the strategy
+  sees them (secure aggregation replaces the masked per-client updates by their unmasked sum).
 - `on_server_aggregate` runs in the aggregator on the aggregated step, after the strategy combined
-  the updates (central DP noise, unmasking checks).
+  the updates (central DP noise).
 
-Client hooks run in list order; server hooks in reverse order, so a pair of hooks wraps what lies
-inside it (as clip-then-noise, mask-then-unmask need).
+Client hooks run in list order; both kinds of server hook in reverse order, so a pair of hooks wraps
+what lies inside it (as clip-then-noise, mask-then-unmask need).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from fedsim.server.strategy import Update
 
 
 @dataclass
@@ -27,6 +33,7 @@ class ClientContext:
     # This client's persistent state for client hooks (e.g. a privacy accountant), kept in the
     # client's store between rounds; hooks read and update it in place under their own key.
     state: dict = field(default_factory=dict)
+    sampled: list[int] = field(default_factory=list)  # the ids of the clients sampled this round
 
 
 @dataclass
@@ -35,6 +42,7 @@ class RoundContext:
     num_sampled: int
     num_reported: int
     num_clients: int
+    sampled: list[int] = field(default_factory=list)  # the ids of the clients sampled this round
 
 
 class Postprocessor:
@@ -43,6 +51,11 @@ class Postprocessor:
     def on_client_update(self, delta: torch.Tensor, weight: float, ctx: ClientContext) -> tuple[torch.Tensor, float, dict]:
         """Returns the (possibly changed) delta, its aggregation weight, and metrics to report."""
         return delta, weight, {}
+
+    def on_server_updates(self, updates: list[Update], ctx: RoundContext) -> tuple[list[Update], dict]:
+        """The round's updates as the strategy will receive them (e.g. masked ones replaced by
+        their unmasked aggregate), and metrics to report."""
+        return updates, {}
 
     def on_server_aggregate(self, step: torch.Tensor, ctx: RoundContext) -> tuple[torch.Tensor, dict]:
         return step, {}
@@ -76,6 +89,12 @@ def build_postprocessors(cfg, layout: list[tuple[str, int]] | None = None) -> li
         from fedsim.privacy.client_dp import ClientDP
 
         chain.append(ClientDP(cfg))
+    # Secure aggregation last: every other client hook changes the plaintext before it is masked,
+    # and the masked sum is opened before every other server hook (e.g. central DP noise) runs.
+    if privacy is not None and privacy.secagg.enabled:
+        from fedsim.privacy.secagg import SecAgg
+
+        chain.append(SecAgg(cfg))
     return chain
 
 
@@ -86,6 +105,14 @@ def run_client_hooks(chain: list[Postprocessor], delta: torch.Tensor, weight: fl
         delta, weight, m = p.on_client_update(delta, weight, ctx)
         metrics.update(m)
     return delta, weight, metrics
+
+
+def run_update_hooks(chain: list[Postprocessor], updates: list[Update], ctx: RoundContext) -> tuple[list[Update], dict]:
+    metrics = {}
+    for p in reversed(chain):
+        updates, m = p.on_server_updates(updates, ctx)
+        metrics.update(m)
+    return updates, metrics
 
 
 def run_server_hooks(chain: list[Postprocessor], step: torch.Tensor, ctx: RoundContext) -> tuple[torch.Tensor, dict]:

@@ -57,6 +57,9 @@ def assign_clients(cfg, samples: pd.DataFrame) -> dict[int, int]:
         ids, mat = user_embeddings(samples[["user", "item", "rating"]], seed=cfg.train.seed)
         pos = {u: i for i, u in enumerate(ids)}
         emb = np.stack([mat[pos[u]] if u in pos else np.zeros(mat.shape[1]) for u in users])
+        # Unit length: cluster by the direction of taste, not by how much a user rated (raw SVD
+        # rows put heavy raters apart; on MovieLens that left a 1-user client with no test rows).
+        emb = emb / np.clip(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12, None)
     clients = partition_users(users, cfg.clients.num, cfg.partition.method, seed=cfg.train.seed,
                               alpha=cfg.partition.alpha, embeddings=emb)
     return dict(zip(users.tolist(), clients.tolist()))

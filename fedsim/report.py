@@ -67,7 +67,12 @@ def summary_table(summary: dict) -> str:
                f"max {f.get('auc_max', float('nan')):.4f}, gap {f.get('auc_gap', float('nan')):.4f}")
     traffic = (f"traffic: {summary['bytes_up'] / 2**20:.1f} MiB up, {summary['bytes_down'] / 2**20:.1f} MiB down; "
                f"clients dropped: {summary['dropped']}")
-    return console.export_text() + balance + "\n" + traffic + "\n"
+    audit = ""
+    if "privacy/mia_auc" in f:
+        audit = (f"privacy audit: membership-inference AUC {f['privacy/mia_auc']:.4f} (0.5 = members "
+                 f"indistinguishable); loss members {f['privacy/member_loss']:.4f} vs held-out "
+                 f"{f['privacy/nonmember_loss']:.4f}\n")
+    return console.export_text() + balance + "\n" + traffic + "\n" + audit
 
 
 def plot_client_auc(history: list[dict], clients: int, path: Path) -> Path | None:

@@ -222,7 +222,7 @@ class Simulation:
         lrs = ray.get(self.aggregator.client_lrs.remote(sampled, cfg.train.lr))
         pending = {}
         for c in sampled:
-            meta, delta = self.executor_for(c).train.options(num_returns=2).remote(c, round, refs[c], lrs[c], len(sampled))
+            meta, delta = self.executor_for(c).train.options(num_returns=2).remote(c, round, refs[c], lrs[c], sampled)
             pending[meta] = (c, delta)
         done, failures = self._collect(pending, round, "train", progress)
         need = math.ceil(cfg.faults.quorum * len(sampled))
@@ -233,7 +233,7 @@ class Simulation:
                               f"Resume from the last checkpoint with: fedsim run --resume {self.run_dir}")
         metas = [m for _, m, _ in done]
         deltas = [d for _, _, d in done]
-        agg = ray.get(self.aggregator.aggregate.remote(round, len(sampled), metas, *deltas))
+        agg = ray.get(self.aggregator.aggregate.remote(round, sampled, metas, *deltas))
         n = sum(m["num_samples"] for m in metas)
         metrics = {
             # Poisson batches (DP-SGD) can leave a client with no rows; weigh losses by clients then.
@@ -252,6 +252,27 @@ class Simulation:
             for k, v in m["metrics"].items():  # what the client-side postprocessors reported
                 metrics[f"client/{m['client']}/{k}"] = v
         return metrics, sorted(failures)
+
+    def _audit(self, round: int, progress: Progress) -> dict:
+        """privacy/mia_auc: AUC of -loss separating members from non-members (pooled and per client)."""
+        clients = list(range(self.cfg.clients.num))
+        self._await_executors()
+        refs = ray.get(self.aggregator.params_for.remote(clients, False))
+        n = self.cfg.privacy.audit.rows_per_client
+        pending = {self.executor_for(c).membership.remote(c, refs[c], n): (c, None) for c in clients}
+        done, _ = self._collect(pending, round, "audit", progress)
+        out, member, other = {}, [], []
+        for c, r, _ in done:
+            if len(r["member"]) and len(r["nonmember"]):
+                out[f"client/{c}/mia_auc"] = auc(np.r_[np.ones(len(r["member"])), np.zeros(len(r["nonmember"]))],
+                                                 -np.r_[r["member"], r["nonmember"]])
+            member.append(r["member"])
+            other.append(r["nonmember"])
+        m, o = np.concatenate(member), np.concatenate(other)
+        if len(m) and len(o):
+            out["privacy/mia_auc"] = auc(np.r_[np.ones(len(m)), np.zeros(len(o))], -np.r_[m, o])
+            out["privacy/member_loss"], out["privacy/nonmember_loss"] = float(m.mean()), float(o.mean())
+        return out
 
     def _evaluate(self, round: int, progress: Progress) -> dict:
         clients = list(range(self.cfg.clients.num))
@@ -297,6 +318,8 @@ class Simulation:
                 dropped += [{"round": r, "client": c} for c in lost]
                 if (r + 1) % cfg.eval.every == 0 or r == cfg.train.rounds - 1:
                     metrics.update(self._evaluate(r, progress))
+                if r == cfg.train.rounds - 1 and cfg.privacy.audit.enabled:
+                    metrics.update(self._audit(r, progress))
                 metrics["round_seconds"] = time.perf_counter() - t0
                 self.tracker.log_metrics(metrics, step=r)
                 history.append({"round": r, **metrics})

@@ -108,3 +108,20 @@ def test_impossible_resources_fail_before_any_actor_starts(ray_local, tiny_cfg):
     cfg = tiny_cfg("executors.num_cpus=3")
     with pytest.raises(ValueError, match=r"executors need 3 x executors.num_cpus=3.0 = 9 CPUs but the Ray cluster has 4"):
         run(cfg, log=lambda *a: None)
+
+
+def test_comparison_notebook_runs_on_a_real_store(ray_local, tiny_cfg, monkeypatch):
+    """notebooks/compare_runs.ipynb: its code cells, run in order against a store made by two runs."""
+    cfg = tiny_cfg("train.rounds=1")
+    run(cfg, log=lambda *a: None)
+    run(tiny_cfg("train.rounds=1", "clients.per_round=2", "name=second"), log=lambda *a: None)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", cfg.tracking.uri)
+    nb = json.loads(Path("notebooks/compare_runs.ipynb").read_text())
+    ns: dict = {}
+    for cell in nb["cells"]:
+        if cell["cell_type"] == "code":
+            exec(compile("".join(cell["source"]), "compare_runs.ipynb", "exec"), ns)
+    table = ns["table"]
+    assert len(table) == 2 and set(table["run"]) == {"tiny", "second"}
+    assert table["auc"].between(0, 1).all() and (table["MiB_up"] > 0).all()
+    assert all(len(x) == 3 for x in table["per_client_auc"])

@@ -33,7 +33,7 @@ def test_aggregator_actor_counts_traffic_and_aggregates(ray_local):
     refs = ray.get(agg.params_for.remote([0, 1, 2]))
     assert len({r.hex() for r in refs.values()}) == 1  # one broadcast object for all clients
     metas = [{"client": 0, "num_samples": 1, "weight": 1.0}, {"client": 1, "num_samples": 3, "weight": 3.0}]
-    m = ray.get(agg.aggregate.remote(0, 3, metas, torch.ones(10), torch.full((10,), 2.0)))
+    m = ray.get(agg.aggregate.remote(0, [0, 1, 2], metas, torch.ones(10), torch.full((10,), 2.0)))
     assert m["bytes_up"] == 2 * 10 * 4 and m["bytes_down"] == 3 * 10 * 4
     assert torch.allclose(ray.get(agg.global_params.remote()), torch.full((10,), 1.75))
     ray.kill(agg)

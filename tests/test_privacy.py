@@ -470,3 +470,21 @@ def test_unreachable_target_fails_in_the_cli_before_any_actor(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert "privacy.client_dp.epsilon: 0.0001 cannot be reached" in err and "Traceback" not in err
+
+
+def test_membership_audit_sees_memorisation_and_not_an_untrained_model(ray_local, tiny_cfg):
+    from fedsim.simulation import run
+
+    # Eight rows per client, many steps at a high rate: the model memorises its members.
+    memorised = run(tiny_cfg("privacy.audit.enabled=true", "data.max_train_per_client=8", "train.local_steps=40",
+                             "train.lr=0.05", "train.batch_size=8", "train.rounds=2", "tracking.enabled=false"),
+                    log=lambda *a: None)
+    f = memorised["final"]
+    assert f["privacy/member_loss"] < f["privacy/nonmember_loss"]
+    assert f["privacy/mia_auc"] > 0.65, f
+    # One tiny step: members and held-out rows look alike to the attack.
+    untrained = run(tiny_cfg("privacy.audit.enabled=true", "train.local_steps=1", "train.lr=1e-6",
+                             "train.rounds=1", "tracking.enabled=false"), log=lambda *a: None)
+    u = untrained["final"]["privacy/mia_auc"]
+    print(f"membership-inference AUC: memorised {f['privacy/mia_auc']:.3f}, untrained {u:.3f}")
+    assert abs(u - 0.5) < 0.12 and f["privacy/mia_auc"] > u + 0.1

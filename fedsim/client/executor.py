@@ -6,6 +6,14 @@ trains on that client's own Parquet shard, and writes the state back to the clie
 
 A client's state lives on disk (`<run>/client_state/`), not in the actor, so that an actor that
 dies and is restarted, or a resumed run, finds every client where it left off.
+
+`strategy.lora_mode` decides what the received/uploaded vector covers (`fedsim.models.lora`):
+`separate` and `stack` all A and B blocks, `ffa` only B (A is frozen at the shared-seed init, the
+same in every executor), `fedsa` only A. In `fedsa` the client's own B is kept in its store entry
+(`"local"`; a client's first round starts from the init, B = 0) and used to train and evaluate that
+client. In `stack` (`fedsim.server.flora`) the received object is the server's accumulated dense
+update of the target modules' base weights, merged into this executor's frozen base once per
+version; the client then trains a fresh LoRA from the shared init and uploads it.
 """
 from __future__ import annotations
 
@@ -17,13 +25,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 
 from fedsim.config import config_from_dict
 from fedsim.data.prompt import render_prompt
 from fedsim.models.loader import load_base
-from fedsim.models.lora import attach_lora, export_state, flat_layout, get_flat, set_flat, trainable
+from fedsim.models.lora import (attach_lora, export_state, freeze_lora_A, get_flat, local_params, lora_modules,
+                                set_flat, shared_params, split_dense, trainable)
 from fedsim.models.scoring import answer_token_ids, encode, p_yes, preference_loss, yes_no_logits
 from fedsim.postprocessors import ClientContext, build_postprocessors, run_client_hooks
+
+
+LATEST = 2**62  # `before_round` that finds a client's newest saved state
 
 
 def shard_path(run_dir: Path, client: int) -> Path:
@@ -84,10 +97,23 @@ class ClientExecutor:
         base, self.tokenizer = load_base(model_path, self.cfg.model.dtype)
         self.device = next(base.parameters()).device
         self.model = attach_lora(base, self.cfg.model.lora, self.cfg.train.seed)
-        self.params = trainable(self.model)
+        self.mode = self.cfg.strategy.lora_mode
+        if self.mode == "ffa":
+            freeze_lora_A(self.model)
+        self.params = trainable(self.model)  # what the optimizer trains
+        shared, local = shared_params(self.model, self.mode), local_params(self.model, self.mode)
+        self.shared = [p for _, p in shared]  # what is received and uploaded
+        self.local = [p for _, p in local]  # trained, never uploaded (fedsa: B)
+        self.initial = get_flat(self.params)  # the shared-seed init every executor starts from
+        self.initial_local = get_flat(self.local) if self.local else None
+        if self.mode == "stack":
+            self.modules = lora_modules(self.model)
+            self.base_layers = [self.model.get_submodule(m.name).base_layer for m in self.modules]
+            self.base0 = [layer.weight.detach().clone() for layer in self.base_layers]
+            self.merged_version = 0
         self.yes_id, self.no_id = answer_token_ids(self.tokenizer)
         self.store = ClientStore(self.run_dir / "client_state")
-        self.postprocessors = build_postprocessors(self.cfg, flat_layout(self.model))
+        self.postprocessors = build_postprocessors(self.cfg, [(n, p.numel()) for n, p in shared])
         self.sample_dp = None
         if self.cfg.privacy.sample_dp.enabled:
             from fedsim.privacy.dp_sgd import SampleDP
@@ -96,10 +122,33 @@ class ClientExecutor:
 
     def ready(self) -> dict:
         return {"executor": self.executor_id, "pid": os.getpid(), "device": str(self.device),
-                "lora_params": sum(p.numel() for p in self.params)}
+                "lora_params": sum(p.numel() for p in self.shared)}
 
-    def initial_params(self) -> torch.Tensor:
-        return get_flat(self.params)
+    def initial_params(self) -> torch.Tensor | dict:
+        if self.mode == "stack":  # the server needs the factors' geometry to stack them
+            return {"init": self.initial.clone(), "modules": self.modules}
+        return get_flat(self.shared)
+
+    @torch.no_grad()
+    def merge(self, payload: dict) -> None:
+        """stack: base weight = W0 + the server's accumulated dense update, once per version."""
+        if payload["version"] == self.merged_version:
+            return
+        for layer, w0, d in zip(self.base_layers, self.base0, split_dense(payload["delta_w"], self.modules)):
+            layer.weight.copy_((w0.float() + d.to(w0.device)).to(w0.dtype))
+        self.merged_version = payload["version"]
+
+    def _load_params(self, client: int, params, before_round: int) -> torch.Tensor:
+        """Put what the server sent (and, for fedsa, the client's own B) into the model; returns the
+        shared vector the upload is measured from."""
+        if self.mode == "stack":
+            self.merge(params)
+            params = self.initial  # a fresh LoRA on top of the merged base
+        set_flat(self.shared, params)
+        if self.local:
+            saved = self.store.load(client, before_round)
+            set_flat(self.local, saved["local"] if saved and "local" in saved else self.initial_local)
+        return params
 
     def _rows(self, client: int, split: str) -> pd.DataFrame:
         df = pd.read_parquet(shard_path(self.run_dir, client))
@@ -118,7 +167,7 @@ class ClientExecutor:
                     marker.touch()
                     os._exit(1)  # a real process death, as a lost machine would look
 
-    def train(self, client: int, round: int, params: torch.Tensor, lr: float, num_sampled: int) -> tuple[dict, torch.Tensor]:
+    def train(self, client: int, round: int, params: torch.Tensor, lr: float, sampled: list[int]) -> tuple[dict, torch.Tensor]:
         """Local training from `params`; returns (metadata, delta = trained - received), the delta
         already through the client-side postprocessors."""
         self._maybe_crash(client, round)
@@ -127,10 +176,10 @@ class ClientExecutor:
         rows = self._rows(client, "train")
         if len(rows) == 0:
             raise ValueError(f"client {client} has no train rows in {shard_path(self.run_dir, client)}")
-        set_flat(self.params, params)
+        params = self._load_params(client, params, round)
         opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=t.weight_decay)
         saved = self.store.load(client, round)
-        if saved is not None:
+        if saved is not None and self.mode != "stack":  # stack: a fresh LoRA, a fresh optimizer
             opt.load_state_dict(saved["opt"])
             for g in opt.param_groups:  # the aggregator may have changed this client's rate
                 g["lr"] = lr
@@ -141,7 +190,10 @@ class ClientExecutor:
         # Per-client state that privacy accountants and client hooks keep across rounds.
         state = (saved or {}).get("privacy", {})
 
+        used: set[int] = set()  # the rows this client trained on: the members a privacy audit attacks
+
         def loss_of(idx):
+            used.update(int(i) for i in idx)
             batch = rows.iloc[idx]
             logits = yes_no_logits(self.model, self._batch(batch), self.yes_id, self.no_id)
             labels = torch.tensor(batch["label"].to_numpy(), device=logits.device)
@@ -166,10 +218,14 @@ class ClientExecutor:
                 seen += len(idx)
             weight = float(seen)
         self.model.eval()
-        delta = get_flat(self.params) - params.float()
-        ctx = ClientContext(client, round, seen, num_sampled, self.cfg.clients.num, state)
+        delta = get_flat(self.shared) - params.float()
+        ctx = ClientContext(client, round, seen, len(sampled), self.cfg.clients.num, state, list(sampled))
         delta, weight, post_metrics = run_client_hooks(self.postprocessors, delta, weight, ctx)
-        self.store.save(client, round, {"opt": opt.state_dict(), "privacy": state})
+        members = np.union1d((saved or {}).get("members", np.zeros(0, dtype=np.int64)), sorted(used))
+        saved = {"opt": opt.state_dict(), "privacy": state, "members": members.astype(np.int64)}
+        if self.local:
+            saved["local"] = get_flat(self.local)
+        self.store.save(client, round, saved)
         meta = {"client": client, "executor": self.executor_id, "num_samples": seen, "weight": weight,
                 "steps": steps, "lr": lr, "loss": float(np.mean(losses)) if losses else float("nan"),
                 "seconds": time.perf_counter() - t0, "metrics": {**dp_metrics, **post_metrics}}
@@ -177,7 +233,7 @@ class ClientExecutor:
 
     @torch.no_grad()
     def evaluate(self, client: int, params: torch.Tensor, split: str) -> dict:
-        set_flat(self.params, params)
+        self._load_params(client, params, LATEST)
         rows = self._rows(client, split)
         probs = []
         bs = self.cfg.eval.batch_size
@@ -187,5 +243,46 @@ class ClientExecutor:
         probs = np.concatenate(probs) if probs else np.zeros(0)
         return {"client": client, "labels": rows["label"].to_numpy(), "probs": probs}
 
-    def export(self, params: torch.Tensor) -> tuple[dict, dict]:
-        return export_state(self.model, params)
+    @torch.no_grad()
+    def membership(self, client: int, params, max_rows: int) -> dict:
+        """Per-row losses of the final model on rows the client trained on (members) and on held-out
+        rows of the same users (non-members), for a loss-threshold membership-inference attack."""
+        self._load_params(client, params, LATEST)
+        saved = self.store.load(client, LATEST) or {}
+        train = self._rows(client, "train")
+        members = train.iloc[saved.get("members", np.zeros(0, dtype=np.int64))]
+        held = pd.concat([self._rows(client, "valid"), self._rows(client, "test")])
+        same_users = held[held["user"].isin(members["user"])]
+        held = same_users if len(same_users) else held
+        rng = np.random.default_rng(client_seed(self.cfg.train.seed, client, 10**6))
+        out = {"client": client}
+        for name, df in (("member", members), ("nonmember", held)):
+            if len(df) > max_rows:
+                df = df.iloc[np.sort(rng.choice(len(df), size=max_rows, replace=False))]
+            losses = []
+            for i in range(0, len(df), self.cfg.eval.batch_size):
+                part = df.iloc[i:i + self.cfg.eval.batch_size]
+                logits = yes_no_logits(self.model, self._batch(part), self.yes_id, self.no_id)
+                labels = torch.tensor(part["label"].to_numpy(), device=logits.device)
+                losses.append(F.cross_entropy(logits, (1 - labels).long(), reduction="none").cpu().numpy())
+            out[name] = np.concatenate(losses) if losses else np.zeros(0)
+        return out
+
+    def export(self, params) -> tuple[dict, dict]:
+        """The adapter a user takes away: peft format for separate / ffa (A is the shared init) /
+        fedsa (B: the uniform mean of the B of every client that trained; personalised B stay in
+        the client stores); for stack the accumulated dense update per target module, keyed by the
+        base weight's name (W_merged = W_base + delta), with a config saying so."""
+        if self.mode == "stack":
+            dense = split_dense(params["delta_w"].float(), self.modules)
+            state = {m.weight: d.contiguous().clone() for m, d in zip(self.modules, dense)}
+            return state, {"fedsim_format": "dense_delta_weight", "lora_mode": "stack",
+                           "merged_rounds": params["version"], "base_model": self.cfg.model.name,
+                           "target_modules": list(self.cfg.model.lora.target_modules),
+                           "usage": "for each key k: W[k] = W_base[k] + delta[k]"}
+        set_flat(self.shared, params)
+        if self.local:
+            bs = [s["local"] for c in range(self.cfg.clients.num)
+                  if (s := self.store.load(c, LATEST)) is not None and "local" in s]
+            set_flat(self.local, torch.stack(bs).mean(0) if bs else self.initial_local)
+        return export_state(self.model, get_flat(self.params))

@@ -3,10 +3,27 @@
 Aggregation, clipping and noise all work on flat vectors; the order of the entries is the order of
 the trainable parameters in the peft model, which is the same in every actor that builds the same
 model with the same LoRA config.
+
+What the flat vector holds depends on `strategy.lora_mode` (`shared_params`):
+
+- `separate`: every A and B block (averaged apart by the server, which is inexact:
+  mean_k(B_k A_k) != mean_k(B_k) mean_k(A_k)).
+- `ffa` (FFA-LoRA): the A blocks are frozen at the shared-seed init (`freeze_lora_A`), so the
+  trainable parameters, and the vector, are the B blocks only; averaging B is exact because A is the
+  same in every client: mean_k(B_k A) = mean_k(B_k) A.
+- `fedsa` (FedSA-LoRA): A and B are trained, only the A blocks are in the vector; each client's B
+  stays with the client (`local_params`).
+- `stack` (FLoRA): A and B as in `separate`, but the server combines them with
+  `stacked_delta_w` (sum_k p_k B_k A_k, exactly) into a dense update of the base weights; the
+  `LoraModule` geometry says where each module's A and B lie in the vector.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+PARTS = ("lora_A", "lora_B")
 
 
 def attach_lora(model, lora_cfg, seed: int):
@@ -56,3 +73,134 @@ def export_state(model, flat: torch.Tensor) -> tuple[dict[str, torch.Tensor], di
     cfg = model.peft_config["default"].to_dict()
     cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
     return state, cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA modes: which parameters are trained, shared and kept local
+
+
+def lora_part(name: str) -> str | None:
+    """'lora_A' or 'lora_B' for a LoRA factor's parameter name, None for anything else."""
+    hits = [p for p in PARTS if f".{p}." in f".{name}."]
+    return hits[0] if len(hits) == 1 else None
+
+
+def freeze_lora_A(model) -> None:
+    """FFA-LoRA: keep every A block at its (shared-seed) initialisation; only B is trained."""
+    for name, p in model.named_parameters():
+        if lora_part(name) == "lora_A":
+            p.requires_grad_(False)
+
+
+def _trainable_named(model, mode: str) -> list[tuple[str, torch.nn.Parameter]]:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if mode == "fedsa":
+        odd = [n for n, _ in named if lora_part(n) is None]
+        if odd:
+            raise ValueError(f"strategy.lora_mode 'fedsa': trainable parameter {odd[0]!r} is neither a lora_A "
+                             f"nor a lora_B weight")
+    return named
+
+
+def shared_params(model, mode: str) -> list[tuple[str, torch.nn.Parameter]]:
+    """(name, parameter) of what crosses the wire in `mode`, in flat-vector order."""
+    named = _trainable_named(model, mode)
+    return [(n, p) for n, p in named if lora_part(n) == "lora_A"] if mode == "fedsa" else named
+
+
+def local_params(model, mode: str) -> list[tuple[str, torch.nn.Parameter]]:
+    """(name, parameter) of what is trained but never leaves the client (fedsa: the B blocks)."""
+    named = _trainable_named(model, mode)
+    return [(n, p) for n, p in named if lora_part(n) == "lora_B"] if mode == "fedsa" else []
+
+
+# ---------------------------------------------------------------------------------------------
+# Stacking (FLoRA)
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """Where one LoRA-wrapped linear layer's factors lie in the flat vector (A: r x d_in at offset
+    `a`, B: d_out x r at offset `b`), and the base weight (`weight`, its name in the base model's
+    state dict, shape d_out x d_in) that delta_W = scaling * B @ A adds to."""
+    name: str
+    weight: str
+    a: int
+    b: int
+    r: int
+    d_in: int
+    d_out: int
+    scaling: float
+
+    def factors(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        A = flat[self.a:self.a + self.r * self.d_in].view(self.r, self.d_in)
+        B = flat[self.b:self.b + self.d_out * self.r].view(self.d_out, self.r)
+        return A, B
+
+    @property
+    def dense_numel(self) -> int:
+        return self.d_out * self.d_in
+
+
+def lora_modules(model) -> list[LoraModule]:
+    """The geometry of every LoRA layer, for a model whose trainable parameters are exactly the A and
+    B blocks (offsets are into `get_flat(trainable(model))`)."""
+    offsets, i = {}, 0
+    for name, k in flat_layout(model):
+        offsets[name] = i
+        i += k
+    out = []
+    for name, module in model.named_modules():
+        if not (hasattr(module, "lora_A") and hasattr(module, "base_layer") and "default" in module.lora_A):
+            continue
+        a_name, b_name = f"{name}.lora_A.default.weight", f"{name}.lora_B.default.weight"
+        if a_name not in offsets or b_name not in offsets:
+            raise ValueError(f"LoRA layer {name}: its A and B must both be trainable to stack them")
+        A, B = module.lora_A["default"].weight, module.lora_B["default"].weight
+        weight = name.removeprefix("base_model.model.") + ".weight"
+        out.append(LoraModule(name, weight, offsets[a_name], offsets[b_name], A.shape[0], A.shape[1], B.shape[0],
+                              float(module.scaling["default"])))
+    if not out:
+        raise ValueError("the model has no LoRA layers")
+    return out
+
+
+def module_delta_w(flat: torch.Tensor, modules: list[LoraModule]) -> list[torch.Tensor]:
+    """delta_W = scaling * B @ A of each module for one adapter vector (float64)."""
+    out = []
+    for m in modules:
+        A, B = m.factors(flat.double())
+        out.append(m.scaling * B @ A)
+    return out
+
+
+def stack_factors(flats: list[torch.Tensor], weights: list[float],
+                  modules: list[LoraModule]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """FLoRA's stacking, per module: A_s = [p_1 A_1; ...; p_K A_K] (K r x d_in) and
+    B_s = [B_1, ..., B_K] (d_out x K r), p_k = w_k / sum(w), so B_s @ A_s = sum_k p_k B_k A_k
+    exactly (a rank-K r LoRA). float64."""
+    w = torch.tensor(weights, dtype=torch.float64)
+    p = w / w.sum()
+    out = []
+    for m in modules:
+        parts = [m.factors(f.double()) for f in flats]
+        out.append((torch.cat([pk * A for pk, (A, _) in zip(p, parts)], 0), torch.cat([B for _, B in parts], 1)))
+    return out
+
+
+def stacked_delta_w(flats: list[torch.Tensor], weights: list[float], modules: list[LoraModule]) -> torch.Tensor:
+    """sum_k p_k scaling B_k A_k of every module, flattened module after module (float64): the dense
+    update the stacked factors make to the base weights."""
+    stacked = stack_factors(flats, weights, modules)
+    return torch.cat([(m.scaling * Bs @ As).reshape(-1) for m, (As, Bs) in zip(modules, stacked)])
+
+
+def split_dense(flat: torch.Tensor, modules: list[LoraModule]) -> list[torch.Tensor]:
+    """A flat dense update (as `stacked_delta_w` makes) back into one d_out x d_in matrix per module."""
+    out, i = [], 0
+    for m in modules:
+        out.append(flat[i:i + m.dense_numel].view(m.d_out, m.d_in))
+        i += m.dense_numel
+    if i != flat.numel():
+        raise ValueError(f"dense update has {flat.numel()} entries, the LoRA modules cover {i}")
+    return out

@@ -1,8 +1,10 @@
 """Differential privacy for fedsim: accountants, client-level DP-FedAvg, DP-LoRA (local noise on
-the LoRA A and B parts of an update) and record-level DP-SGD on each client (Opacus).
+the LoRA A and B parts of an update) and record-level DP-SGD on each client (Opacus); and secure
+aggregation (pairwise additive masks: the server sees only the sum of the updates).
 
-Config: the `privacy` section (`privacy.client_dp`, `privacy.dp_lora`, `privacy.sample_dp`); the
-postprocessors are put in the chain by `fedsim.postprocessors.build_postprocessors`.
+Config: the `privacy` section (`privacy.client_dp`, `privacy.dp_lora`, `privacy.sample_dp`,
+`privacy.secagg`); the postprocessors are put in the chain by
+`fedsim.postprocessors.build_postprocessors`.
 """
 from __future__ import annotations
 

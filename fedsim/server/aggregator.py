@@ -4,8 +4,20 @@ from __future__ import annotations
 import ray
 import torch
 
-from fedsim.postprocessors import RoundContext, build_postprocessors, run_server_hooks
+from fedsim.postprocessors import RoundContext, build_postprocessors, run_server_hooks, run_update_hooks
 from fedsim.server.strategy import Update, make_strategy
+
+
+def wire_bytes(payload) -> int:
+    """Bytes of the tensors in what is sent (a tensor, or a dict / list of them, e.g. the stack
+    mode's {"version", "delta_w"}); scalars are not counted."""
+    if isinstance(payload, torch.Tensor):
+        return payload.numel() * payload.element_size()
+    if isinstance(payload, dict):
+        return sum(wire_bytes(v) for v in payload.values())
+    if isinstance(payload, (list, tuple)):
+        return sum(wire_bytes(v) for v in payload)
+    return 0
 
 
 class Aggregator:
@@ -27,7 +39,7 @@ class Aggregator:
             if id(t) not in refs:
                 refs[id(t)] = ray.put(t)
             out[c] = refs[id(t)]
-            self.bytes_down += t.numel() * t.element_size() if count else 0
+            self.bytes_down += wire_bytes(t) if count else 0
         return out
 
     def write_artifacts(self, out_dir: str) -> list:
@@ -36,12 +48,19 @@ class Aggregator:
     def client_lrs(self, clients: list[int], base_lr: float) -> dict[int, float]:
         return {c: self.strategy.client_lr(c, base_lr) for c in clients}
 
-    def aggregate(self, round: int, num_sampled: int, metas: list[dict], *deltas: torch.Tensor) -> dict[str, float]:
+    def aggregate(self, round: int, sampled: list[int], metas: list[dict], *deltas: torch.Tensor) -> dict[str, float]:
+        """Fold in the updates of the reporting clients among `sampled` (the round's sampled ids)."""
         updates = [Update(m["client"], d, m["num_samples"], m["weight"], m) for m, d in zip(metas, deltas)]
-        ctx = RoundContext(round, num_sampled, len(updates), self.num_clients)
+        ctx = RoundContext(round, len(sampled), len(updates), self.num_clients, list(sampled))
+        # Hooks on the list of updates first (secure aggregation opens the masked sum here), then
+        # the strategy, whose aggregated step passes through the step hooks (`finish`).
+        updates, update_metrics = run_update_hooks(self.postprocessors, updates, ctx) if updates else (updates, {})
         finish = lambda step: run_server_hooks(self.postprocessors, step, ctx)  # noqa: E731
         metrics = self.strategy.aggregate(round, updates, finish) if updates else {}
-        metrics["bytes_up"] = float(sum(d.numel() * d.element_size() for d in deltas))
+        metrics.update(update_metrics)
+        metrics["bytes_up"] = float(sum(wire_bytes(d) for d in deltas))
+        # Entries one client uploads (strategy.lora_mode: all A and B, only B, only A).
+        metrics["lora/upload_params"] = float(max((d.numel() for d in deltas), default=0))
         metrics["bytes_down"] = float(self.bytes_down)
         self.bytes_down = 0
         return metrics

@@ -103,6 +103,11 @@ STRATEGIES = {cls.name: cls for cls in (FedAvg,)}
 
 
 def make_strategy(cfg) -> Strategy:
+    if getattr(cfg.strategy, "lora_mode", "separate") == "stack":
+        # Stacking replaces the averaging rule (the config allows it only with strategy.name fedavg).
+        from fedsim.server.flora import StackedLoRA
+
+        return StackedLoRA.from_config(cfg)
     return STRATEGIES[cfg.strategy.name].from_config(cfg)
 
 
