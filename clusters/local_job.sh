@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Start a local Ray head (token authentication on, as Ray 2.60 does by default), submit a fedsim run
-# to it as a job, wait for it, and check that the job succeeded and its run reached MLflow.
-#   bash clusters/local_job.sh [CONFIG] [extra `fedsim run` args...]
+# or sweep to it as a job, wait for it, and check that the job succeeded and its results reached MLflow.
+#   bash clusters/local_job.sh [run] [CONFIG] [extra `fedsim run` args...]      (default configs/tiny.yaml)
+#   bash clusters/local_job.sh tune [SWEEP] [extra `fedsim tune` args...]       (default tuning/ci_small.yaml)
 # Run from the repository root with fedsim installed: the job runs in this Python environment and the
 # runtime env ships the working directory. On a real cluster use clusters/runtime_env.yaml instead.
 # The head runs in the foreground of a child process (--block) and is stopped by ending that process,
 # so other Ray instances on the machine are left alone.
 set -euo pipefail
-config=${1:-configs/tiny.yaml}; shift || true
+command=run
+case "${1:-}" in run|tune) command=$1; shift ;; esac
+default=configs/tiny.yaml; [ "$command" = tune ] && default=tuning/ci_small.yaml
+file=${1:-$default}; shift || true
 export RAY_AUTH_MODE=token   # clients must send the token the head writes to ~/.ray/auth_token
 # Own ports, so this head never collides with another Ray instance on the machine.
 gcs_port=${FEDSIM_GCS_PORT:-6391}; dash_port=${FEDSIM_DASHBOARD_PORT:-8271}; agent_port=${FEDSIM_AGENT_PORT:-52375}
@@ -28,7 +32,7 @@ job=fedsim-$(date +%s)
 for try in $(seq 30); do  # "No available agent" until the head's agent registers: retry the submission only
   ray job submit --address "$address" --no-wait --submission-id "$job" --working-dir . \
     --runtime-env-json '{"excludes": ["/runs/", "/.venv/", "/venv/", "/mlflow.db", "/.git/", "*.parquet", "/.whl/"]}' \
-    -- python -m fedsim.cli run "$config" --tracking-uri "$tracking" --set "output_dir=$PWD/runs" \
+    -- python -m fedsim.cli "$command" "$file" --tracking-uri "$tracking" --set "output_dir=$PWD/runs" \
        --summary-json "$summary" "$@" > /tmp/fedsim-submit.log 2>&1 && break
   [ "$try" = 30 ] && { cat /tmp/fedsim-submit.log; exit 1; }
   sleep 2
@@ -40,7 +44,16 @@ python - "$summary" "$tracking" <<'PY'
 import json, sys
 from mlflow import MlflowClient
 s = json.load(open(sys.argv[1]))
-run = MlflowClient(tracking_uri=sys.argv[2]).get_run(s["mlflow_run_id"])
-assert run.info.status == "FINISHED", run.info.status
-print(f"job ok: MLflow run {run.info.run_id} FINISHED, auc={run.data.metrics['auc']:.4f}")
+client = MlflowClient(tracking_uri=sys.argv[2])
+if "parent_run_id" in s:  # a sweep: the parent run and one finished nested run per trial
+    parent = client.get_run(s["parent_run_id"])
+    nested = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert parent.info.status == "FINISHED", parent.info.status
+    assert len(nested) == len(s["trials"]) and all(r.info.status == "FINISHED" for r in nested), nested
+    print(f"job ok: MLflow parent run {parent.info.run_id} FINISHED with {len(nested)} nested trial runs, "
+          f"{s['completed']}/{len(s['trials'])} trials finished in {s['wall_seconds']:.0f} s")
+else:
+    run = client.get_run(s["mlflow_run_id"])
+    assert run.info.status == "FINISHED", run.info.status
+    print(f"job ok: MLflow run {run.info.run_id} FINISHED, auc={run.data.metrics['auc']:.4f}")
 PY

@@ -1,4 +1,4 @@
-"""`fedsim` command line: run, data fetch, model fetch, baselines."""
+"""`fedsim` command line: run, tune, data fetch, model fetch, baselines."""
 from __future__ import annotations
 
 import argparse
@@ -35,6 +35,21 @@ def cmd_run(a) -> int:
     return 0
 
 
+def cmd_tune(a) -> int:
+    from fedsim.tune import run_sweep
+
+    if a.resume and a.set:
+        return _err("--resume continues a sweep with its saved trials; drop --set")
+    summary = run_sweep(a.sweep, a.set, a.tracking_uri, resume=a.resume)
+    if a.summary_json:
+        Path(a.summary_json).write_text(json.dumps(summary, indent=1, default=float))
+    print(f"sweep directory: {summary['sweep_dir']}")
+    if summary["interrupted"]:
+        return 130
+    failed = [r["trial"] for r in summary["trials"] if r["status"] == "ERROR"]
+    return _err(f"trials {failed} failed; see their logs above, then --resume") if failed else 0
+
+
 def cmd_data_fetch(a) -> int:
     from fedsim.data.movielens import fetch_movielens_100k
 
@@ -69,6 +84,25 @@ def cmd_baselines(a) -> int:
     return 0
 
 
+def bench_module():
+    """benchmarks/throughput.py of this source checkout (None when fedsim is installed without it)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
+    if not path.exists():
+        return None
+    spec = importlib.util.spec_from_file_location("fedsim_bench_throughput", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def cmd_bench(a) -> int:
+    if a.bench is None:
+        return _err("fedsim bench runs benchmarks/throughput.py from a source checkout; it is not here")
+    return a.bench.run(a)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedsim", description="Federated LoRA fine-tuning of LLM recommenders on Ray")
     sub = p.add_subparsers(dest="command", required=True)
@@ -80,6 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///./mlflow.db)")
     r.add_argument("--summary-json", metavar="PATH", help="also write the final summary here")
     r.set_defaults(fn=cmd_run)
+
+    t = sub.add_parser("tune", help="run (or resume) a sweep of simulations under Ray Tune")
+    t.add_argument("sweep", help="sweep YAML (see tuning/)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a base config key")
+    t.add_argument("--resume", nargs="?", const=True, metavar="SWEEP_DIR",
+                   help="continue an interrupted sweep (default: this sweep's latest directory)")
+    t.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///./mlflow.db)")
+    t.add_argument("--summary-json", metavar="PATH", help="also write the results here")
+    t.set_defaults(fn=cmd_tune)
 
     d = sub.add_parser("data", help="datasets")
     dsub = d.add_subparsers(dest="action", required=True)
@@ -97,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("config")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     b.set_defaults(fn=cmd_baselines)
+
+    bench = bench_module()
+    b = sub.add_parser("bench", help="training throughput: one actor per client vs pooled executors vs fused",
+                       description=bench.__doc__.split("\n\n")[0] if bench else None)
+    if bench:
+        bench.add_arguments(b)
+    b.set_defaults(fn=cmd_bench, bench=bench)
     return p
 
 

@@ -67,6 +67,8 @@ class ModelConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_length: int = 256
     lora: LoraConfig = field(default_factory=LoraConfig)
+    # Decoder layers of the `tiny-random` model (storage.mode split needs at least 3).
+    tiny_layers: int = 2
 
 
 @dataclass
@@ -84,6 +86,15 @@ class ExecutorsConfig:
     # "auto": 1/(actors per GPU) when the cluster has GPUs, else 0.
     num_gpus: Union[float, Literal["auto"]] = "auto"
     max_restarts: int = 3
+    # Train the clients an executor serves in a round together (fedsim.models.fused): one
+    # forward/backward over all their batches, each row through its own client's LoRA.
+    fused: bool = False
+    # Most rows in one fused forward/backward; a step with more runs as several passes over whole
+    # clients, gradients accumulated (bounds activation memory). None: all of a step's rows at once.
+    fused_rows: Optional[int] = None
+    # torch.compile each executor's decoder (dynamic shapes): pays a compile per executor (minutes
+    # on a CPU) for faster steps on a GPU.
+    compile: bool = False
 
 
 @dataclass
@@ -111,6 +122,10 @@ class PPLRConfig:
     lr_gamma: float = 0.5
     lr_min_scale: float = 0.5
     lr_max_scale: float = 2.0
+    # What s_ij compares: `adapter` (theta_i, as in the paper) or `update` (theta_i - theta_0, what
+    # the client has learned since the shared init; with a shared init the adapters' cosine is
+    # dominated by the common A and is ~1 for every pair, so `update` is what tells clients apart).
+    similarity_on: Literal["adapter", "update"] = "adapter"
 
 
 @dataclass
@@ -129,6 +144,9 @@ class EvalConfig:
     split: Literal["test", "valid"] = "test"
     every: int = 1
     batch_size: int = 16
+    # Clients evaluated: None = every client; an int count or a float fraction (<= 1) of clients.num,
+    # a fixed random subset drawn once from train.seed, so every evaluation scores the same clients.
+    clients: Optional[Union[int, float]] = None
 
 
 @dataclass
@@ -211,6 +229,19 @@ class PrivacyConfig:
 
 
 @dataclass
+class StorageConfig:
+    """PPLR flexible storage (fedsim.models.split). `split`: the client keeps the embeddings, decoder
+    layers [0, client_layers), the last decoder layer, the final norm and the LM head, with their
+    LoRA private; a server actor holds layers [client_layers, L-1), whose LoRA is aggregated.
+    1 <= client_layers <= L-2 is checked against the model before any actor starts."""
+    mode: Literal["full", "split"] = "full"
+    client_layers: int = 1
+    server_num_cpus: float = 1.0
+    # "auto": the same GPU fraction as one executor (0 on a cluster without GPUs).
+    server_num_gpus: Union[float, Literal["auto"]] = "auto"
+
+
+@dataclass
 class Config:
     name: str = "run"
     output_dir: str = "runs"
@@ -225,6 +256,7 @@ class Config:
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,6 +366,14 @@ def validate(cfg: Config) -> Config:
     _check(e.num_cpus > 0, "executors.num_cpus", e.num_cpus, "must be > 0")
     _check(e.num_gpus == "auto" or 0 <= e.num_gpus <= 1, "executors.num_gpus", e.num_gpus, "must be 'auto' or in [0, 1]")
     _check(e.max_restarts >= 0, "executors.max_restarts", e.max_restarts, "must be >= 0")
+    # Record-level DP-SGD clips per-sample gradients per client (Opacus hooks on peft's layers);
+    # the fused layers hold every client's adapter in one tensor, which those hooks cannot split.
+    _check(not (e.fused and cfg.privacy.sample_dp.enabled), "executors.fused", e.fused,
+           "cannot be combined with privacy.sample_dp (per-sample clipping runs per client, unfused); "
+           "client-level privacy.client_dp, privacy.dp_lora and privacy.secagg work fused")
+    _check(e.fused_rows is None or e.fused_rows >= 1, "executors.fused_rows", e.fused_rows, "must be >= 1 or null")
+    _check(not (e.compile and cfg.privacy.sample_dp.enabled), "executors.compile", e.compile,
+           "cannot be combined with privacy.sample_dp (Opacus' per-sample hooks run eagerly)")
     _check(t.rounds >= 1, "train.rounds", t.rounds, "must be >= 1")
     _check((t.local_steps is None) != (t.local_epochs is None), "train.local_steps", t.local_steps,
            "set exactly one of train.local_steps and train.local_epochs")
@@ -342,6 +382,11 @@ def validate(cfg: Config) -> Config:
     _check(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
     _check(t.lr > 0, "train.lr", t.lr, "must be > 0")
     _check(cfg.eval.every >= 1, "eval.every", cfg.eval.every, "must be >= 1")
+    ec = cfg.eval.clients
+    if isinstance(ec, float):
+        _check(0 < ec <= 1, "eval.clients", ec, "as a fraction must be in (0, 1]")
+    elif ec is not None:
+        _check(1 <= ec <= c.num, "eval.clients", ec, f"as a count must be in [1, clients.num={c.num}] (null = every client)")
     _check(cfg.eval.batch_size >= 1, "eval.batch_size", cfg.eval.batch_size, "must be >= 1")
     pp = cfg.strategy.pplr
     for k in ("alpha", "beta", "temperature"):
@@ -365,7 +410,33 @@ def validate(cfg: Config) -> Config:
         _check(set(crash) == {"round", "client"}, f"faults.crash[{i}]", crash, "needs exactly the keys round and client")
         _check(0 <= crash["client"] < c.num, f"faults.crash[{i}].client", crash["client"], f"must be in [0, {c.num})")
     _validate_privacy(cfg)
+    _validate_storage(cfg)
     return cfg
+
+
+def _validate_storage(cfg: Config) -> None:
+    """Split execution's own settings and what it cannot be combined with; the range of
+    `client_layers` against the model's depth is checked when the model is known
+    (fedsim.models.split.check_split, called by fedsim.prepare)."""
+    st = cfg.storage
+    _check(cfg.model.tiny_layers >= 1, "model.tiny_layers", cfg.model.tiny_layers, "must be >= 1")
+    if st.mode != "split":
+        return
+    _check(st.client_layers >= 1, "storage.client_layers", st.client_layers,
+           "must be >= 1 (the client keeps decoder layers [0, client_layers) and the last one)")
+    _check(st.server_num_cpus > 0, "storage.server_num_cpus", st.server_num_cpus, "must be > 0")
+    _check(st.server_num_gpus == "auto" or 0 <= st.server_num_gpus <= 1, "storage.server_num_gpus",
+           st.server_num_gpus, "must be 'auto' or in [0, 1]")
+    # fedsa and stack decide themselves which factors stay local / how the base changes; split
+    # decides by layer. Opacus needs per-sample gradients of every layer in one process.
+    _check(cfg.strategy.lora_mode in ("separate", "ffa"), "strategy.lora_mode", cfg.strategy.lora_mode,
+           "cannot be combined with storage.mode 'split' (use 'separate' or 'ffa')")
+    _check(not cfg.privacy.sample_dp.enabled, "privacy.sample_dp.enabled", True,
+           "cannot be combined with storage.mode 'split' (DP-SGD needs per-sample gradients of the whole "
+           "model in one process); use privacy.client_dp or privacy.dp_lora")
+    _check(not getattr(cfg.executors, "fused", False), "executors.fused", True,
+           "cannot be combined with storage.mode 'split' (the fused layers hold every client's adapter in the "
+           "client's model, the split server runs one client per request)")
 
 
 def _validate_privacy(cfg: Config) -> None:
@@ -446,15 +517,20 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+def set_key(data: dict, path: list[str], value: Any, where: str) -> None:
+    """data['a']['b'] = value for path ['a', 'b'], creating sections; `where` prefixes errors."""
+    node = data
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{where}: '{part}' is not a section")
+    node[path[-1]] = value
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     for text in overrides or []:
         path, value = parse_override(text)
-        node = data
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {text!r}: '{part}' is not a section")
-        node[path[-1]] = value
+        set_key(data, path, value, f"--set {text!r}")
     return data
 
 

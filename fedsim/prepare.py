@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from fedsim.data.movielens import load_movielens_100k
-from fedsim.data.partition import partition_stats, partition_users, write_shards
+from fedsim.data.partition import assign_shards, partition_users, shard_stats, write_shard_files
 from fedsim.data.prompt import INSTRUCTION
 from fedsim.data.samples import build_samples, user_embeddings
 from fedsim.data.synthetic import make_synthetic
@@ -65,6 +65,16 @@ def assign_clients(cfg, samples: pd.DataFrame) -> dict[int, int]:
     return dict(zip(users.tolist(), clients.tolist()))
 
 
+def describe_partition(stats: pd.DataFrame, max_rows: int = 40) -> str:
+    """The per-client table, or for many clients its distribution (10,000 lines help nobody)."""
+    if len(stats) <= max_rows:
+        return stats.to_string(index=False, float_format="%.3f")
+    cols = ["users", "train", "valid", "test", "like_rate"]
+    summary = stats[cols].describe(percentiles=[0.5]).loc[["min", "50%", "mean", "max"]]
+    return (f"{len(stats)} clients; per client (full table in partition.csv):\n"
+            + summary.to_string(float_format="%.3f"))
+
+
 def prepare(cfg, run_dir: Path, log=print) -> dict:
     """Idempotent: a resumed run finds the shards, model and baselines it had."""
     run_dir = Path(run_dir)
@@ -80,22 +90,29 @@ def prepare(cfg, run_dir: Path, log=print) -> dict:
     owner = assign_clients(cfg, samples)
     d = cfg.data
     caps = {"train": d.max_train_per_client, "valid": d.max_valid_per_client, "test": d.max_test_per_client}
-    paths = write_shards(samples, owner, shard_dir, cfg.clients.num, max_rows=caps, seed=cfg.train.seed)
-    stats = partition_stats(paths)
+    shards = assign_shards(samples, owner, cfg.clients.num, max_rows=caps, seed=cfg.train.seed)
+    write_shard_files(shards, shard_dir, cfg.clients.num)
+    stats = shard_stats(shards, cfg.clients.num)
     stats.to_csv(run_dir / "partition.csv", index=False)
-    log("partition (" + cfg.partition.method + "):\n" + stats.to_string(index=False, float_format="%.3f"))
+    log(f"partition ({cfg.partition.method}):\n" + describe_partition(stats))
     empty = stats[(stats["train"] == 0) | (stats[cfg.eval.split] == 0)]
     if len(empty):
-        raise ValueError(f"clients {empty['client'].tolist()} have no train or {cfg.eval.split} rows: "
+        ids = empty["client"].tolist()
+        shown = f"{ids[:10]} and {len(ids) - 10} more" if len(ids) > 10 else str(ids)
+        raise ValueError(f"clients {shown} have no train or {cfg.eval.split} rows: "
                          f"lower clients.num ({cfg.clients.num}) or use more data")
 
     log("scoring conventional baselines on the rows this run evaluates")
-    shards = pd.concat([pd.read_parquet(p) for p in paths])
     evaluated = shards[shards["split"] == cfg.eval.split]
     baselines = evaluate_baselines(samples[samples["split"] == "train"], evaluated, seed=cfg.train.seed)
 
     texts = [INSTRUCTION, 'Liked: Disliked: Target movie: "none" Answer: Yes No', *items["title"].astype(str)]
-    model_path = resolve_model(cfg.model.name, run_dir, texts, seed=cfg.train.seed, log=log)
+    model_path = resolve_model(cfg.model.name, run_dir, texts, seed=cfg.train.seed, log=log,
+                               tiny_layers=cfg.model.tiny_layers)
+    if cfg.storage.mode == "split":  # the layer range needs the model's depth: checked before any actor starts
+        from fedsim.models.split import check_split
+
+        check_split(cfg, model_path)
     info = {
         "model_path": model_path,
         "baselines": baselines,

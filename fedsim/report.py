@@ -45,6 +45,9 @@ class Progress:
               file=self.stream, flush=True)
 
 
+MAX_CLIENT_ROWS = 50  # per-client rows in the summary table; the rest are in summary.json
+
+
 def summary_table(summary: dict) -> str:
     from rich.console import Console
     from rich.table import Table
@@ -60,8 +63,11 @@ def summary_table(summary: dict) -> str:
               f"{f.get('logloss', float('nan')):.4f}", f"{f.get('accuracy', float('nan')):.4f}", str(f.get("rows", "")))
     for name, m in summary.get("baselines", {}).items():
         t.add_row(f"baseline: {name}", f"{m['auc']:.4f}", f"{m['logloss']:.4f}", f"{m['accuracy']:.4f}", "")
-    for c, m in sorted(summary.get("clients_final", {}).items(), key=lambda kv: int(kv[0])):
+    per_client = sorted(summary.get("clients_final", {}).items(), key=lambda kv: int(kv[0]))
+    for c, m in per_client[:MAX_CLIENT_ROWS]:
         t.add_row(f"client {c}", f"{m['auc']:.4f}", f"{m['logloss']:.4f}", f"{m['accuracy']:.4f}", str(m["rows"]))
+    if len(per_client) > MAX_CLIENT_ROWS:
+        t.add_row(f"... {len(per_client) - MAX_CLIENT_ROWS} more clients (summary.json)", "", "", "", "")
     console.print(t)
     balance = (f"per-client AUC: std {f.get('auc_std', float('nan')):.4f}, min {f.get('auc_min', float('nan')):.4f}, "
                f"max {f.get('auc_max', float('nan')):.4f}, gap {f.get('auc_gap', float('nan')):.4f}")
@@ -89,14 +95,18 @@ def plot_client_auc(history: list[dict], clients: int, path: Path) -> Path | Non
         return None
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     rounds = [h["round"] + 1 for h in evals]
-    for c in range(clients):
+    last = evals[-1]
+    # The clients evaluated (all, or the `eval.clients` sample): at 10,000 clients, drawing a line
+    # for every client would take minutes and show nothing.
+    ids = [c for c in range(clients) if f"client/{c}/auc" in last]
+    for c in ids:
         ax1.plot(rounds, [h.get(f"client/{c}/auc", np.nan) for h in evals], alpha=0.5, lw=1)
     ax1.plot(rounds, [h["auc"] for h in evals], color="black", lw=2.5, label="pooled")
     ax1.set(xlabel="round", ylabel="test AUC", title="AUC per client over rounds")
     ax1.legend()
-    last = evals[-1]
-    vals = [last.get(f"client/{c}/auc", np.nan) for c in range(clients)]
-    ax2.bar(range(clients), vals, color="tab:blue")
+    ax2.bar(range(len(ids)), [last[f"client/{c}/auc"] for c in ids], color="tab:blue")
+    if len(ids) <= 40:
+        ax2.set_xticks(range(len(ids)), [str(c) for c in ids])
     ax2.axhline(last["auc"], color="black", ls="--", label=f"pooled {last['auc']:.3f}")
     ax2.set(xlabel="client", ylabel="AUC", title=f"final AUC per client (gap {last.get('auc_gap', np.nan):.3f})")
     ax2.legend()

@@ -16,14 +16,18 @@ import numpy as np
 import ray
 import torch
 import yaml
+from ray.util.placement_group import get_current_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from fedsim.client.executor import ClientExecutor
+from fedsim.client.state import ClientStore
 from fedsim.config import Config, config_from_dict, flatten, save_config, to_dict
 from fedsim.metrics import accuracy, auc, logloss
 from fedsim.postprocessors import describe
 from fedsim.prepare import prepare
 from fedsim.report import Progress, plot_client_auc, summary_table
 from fedsim.server.aggregator import Aggregator
+from fedsim.server.split_server import start_split_server
 from fedsim.tracking import Tracker, resolve_uri
 
 
@@ -50,15 +54,40 @@ def init_ray(log=print) -> None:
         ray.init(address="local", include_dashboard=False, log_to_driver=True, configure_logging=False)
 
 
+def executor_gpus(cfg: Config, gpus: float) -> float:
+    """GPUs per executor: `auto` shares the `gpus` available evenly among the executors (and the
+    split server, `storage.mode: split`, as one more actor)."""
+    n = (cfg.executors.num or cfg.clients.num) + (cfg.storage.mode == "split")
+    if cfg.executors.num_gpus == "auto":
+        return 1.0 / math.ceil(n / gpus) if gpus else 0.0
+    return float(cfg.executors.num_gpus)
+
+
+def bundle_placement(bundle: int) -> dict:
+    """Actor options that put it in `bundle` of the placement group this process runs in (a `fedsim
+    tune` trial: bundle 0 the trial, bundle i+1 executor i); none outside a placement group."""
+    pg = get_current_placement_group()
+    return {"scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle)} if pg else {}
+
+
 def executor_resources(cfg: Config) -> tuple[int, float, float]:
-    """(number of executors, CPUs each, GPUs each); an impossible request fails here, not in a hang."""
+    """(number of executors, CPUs each, GPUs each); an impossible request fails here, not in a hang.
+    Inside a placement group (a `fedsim tune` trial: bundle 0 the trial, bundle i+1 executor i) the
+    executors are checked against its bundles, not the whole cluster."""
     n = cfg.executors.num or cfg.clients.num
+    pg = get_current_placement_group()
+    if pg is not None:
+        bundles = pg.bundle_specs[1:]
+        num_gpus = executor_gpus(cfg, bundles[0].get("GPU", 0) if bundles else 0)
+        short = [i for i, b in enumerate(bundles[:n]) if b.get("CPU", 0) + 1e-9 < cfg.executors.num_cpus
+                 or b.get("GPU", 0) + 1e-9 < num_gpus]
+        if len(bundles) < n or short:
+            raise ValueError(f"the placement group has {len(bundles)} executor bundle(s) {bundles} but {n} executors "
+                             f"need executors.num_cpus={cfg.executors.num_cpus:g} and {num_gpus:g} GPUs each")
+        return n, cfg.executors.num_cpus, num_gpus
     total = ray.cluster_resources()
     gpus = total.get("GPU", 0)
-    if cfg.executors.num_gpus == "auto":
-        num_gpus = 1.0 / math.ceil(n / gpus) if gpus else 0.0
-    else:
-        num_gpus = float(cfg.executors.num_gpus)
+    num_gpus = executor_gpus(cfg, gpus)
     cpus = total.get("CPU", 0)
     if n * cfg.executors.num_cpus > cpus + 1e-9:
         raise ValueError(f"executors need {n} x executors.num_cpus={cfg.executors.num_cpus} = "
@@ -75,6 +104,17 @@ def sample_clients(cfg: Config, round: int) -> list[int]:
     k = cfg.clients.per_round
     m = k if isinstance(k, int) else max(1, round_half_up(k * n))
     rng = np.random.default_rng([cfg.train.seed, round, 7])
+    return sorted(rng.choice(n, size=m, replace=False).tolist())
+
+
+def eval_clients(cfg: Config) -> list[int]:
+    """The clients every evaluation scores: all of them, or the fixed subset `eval.clients` asks for
+    (at 10,000 clients, evaluating everyone every round would dwarf the training)."""
+    n, k = cfg.clients.num, cfg.eval.clients
+    if k is None:
+        return list(range(n))
+    m = k if isinstance(k, int) else max(1, round_half_up(k * n))
+    rng = np.random.default_rng([cfg.train.seed, 13])
     return sorted(rng.choice(n, size=m, replace=False).tolist())
 
 
@@ -107,6 +147,20 @@ def eval_metrics(results: list[dict], num_clients: int) -> dict[str, float]:
                    auc_gap=float(np.max(per_client) - np.min(per_client)))
     out["clients_evaluated"] = float(len(results))
     return out
+
+
+def train_throughput(metas: list[dict]) -> dict[str, float]:
+    """Tokens trained on in a round, the busiest executor's time in local-training loops (executors
+    run in parallel: the round's training critical path), and the reporting executors' peak memory
+    added up (GPU: allocated by torch; CPU: resident set)."""
+    busy, peak = {}, {}
+    for m in metas:
+        e = m["executor"]
+        busy[e] = busy.get(e, 0.0) + m.get("step_seconds", 0.0)
+        peak[e] = max(peak.get(e, 0), m.get("peak_bytes", 0))
+    return {"train_tokens": float(sum(m.get("tokens", 0) for m in metas)),
+            "train_step_seconds": float(max(busy.values(), default=0.0)),
+            "executors_peak_bytes": float(sum(peak.values()))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,7 +198,10 @@ def load_run_config(run_dir: Path) -> Config:
 
 
 class Simulation:
-    def __init__(self, cfg: Config, run_dir: Path | None = None, tracking_uri: str | None = None, log=print):
+    def __init__(self, cfg: Config, run_dir: Path | None = None, tracking_uri: str | None = None, log=print,
+                 on_round=None, tags: dict | None = None):
+        # on_round(round, metrics) after each round's checkpoint (Tune reports from it); tags go on the MLflow run.
+        self.on_round, self.tags = on_round, tags
         self.resuming = run_dir is not None and (Path(run_dir) / "config.yaml").exists()
         self.cfg = load_run_config(run_dir) if self.resuming else cfg
         self.run_dir = Path(run_dir) if run_dir else new_run_dir(cfg)
@@ -162,19 +219,25 @@ class Simulation:
         self.log(f"starting {n} executor actor(s) (num_cpus={cpus:g}, num_gpus={gpus:g}) for "
                  f"{self.cfg.clients.num} client(s)")
         # No task retries: a client whose actor dies mid-round is dropped from that round, not rerun.
-        actor = ray.remote(ClientExecutor).options(num_cpus=cpus, num_gpus=gpus,
-                                                   max_restarts=self.cfg.executors.max_restarts, max_task_retries=0)
+        options = dict(num_cpus=cpus, num_gpus=gpus, max_restarts=self.cfg.executors.max_restarts, max_task_retries=0)
         args = (to_dict(self.cfg), str(self.run_dir.resolve()), model_path)
-        self._new_executor = lambda i: actor.remote(*args, i, max(1, int(cpus)))
+        self.split_server, split_name = None, None
+        if self.cfg.storage.mode == "split":  # PPLR flexible storage: the actor holding the middle layers
+            self.split_server, split_name, server_gpus = start_split_server(self.cfg, model_path, n, gpus)
+            self.log(f"starting the split server actor (num_cpus={self.cfg.storage.server_num_cpus:g}, "
+                     f"num_gpus={server_gpus:g}) for decoder layers [{self.cfg.storage.client_layers}, L-1)")
+        self._new_executor = lambda i: ray.remote(ClientExecutor).options(**options, **bundle_placement(i + 1)).remote(
+            *args, i, max(1, int(cpus)), split_server=split_name)
         self.executors = [self._new_executor(i) for i in range(n)]
         infos = ray.get([e.ready.remote() for e in self.executors])
         self.lora_params = infos[0]["lora_params"]
+        self.split_params = infos[0].get("split", {})  # memory held on the client vs the split server
         initial = ray.get(self.executors[0].initial_params.remote())
         # The aggregator is light bookkeeping; it takes no CPU slot so it never starves the clients.
         self.aggregator = ray.remote(Aggregator).options(num_cpus=0).remote(self.cfg, initial)
 
     def _stop_actors(self) -> None:
-        for a in getattr(self, "executors", []) + [getattr(self, "aggregator", None)]:
+        for a in getattr(self, "executors", []) + [getattr(self, "aggregator", None), getattr(self, "split_server", None)]:
             if a is not None:
                 ray.kill(a)
 
@@ -214,16 +277,33 @@ class Simulation:
             progress.clients(round, phase, len(done) + len(failures), total)
         return done, failures
 
+    def _dispatch_train(self, round: int, sampled: list[int], refs: dict, lrs: dict) -> dict:
+        """One train task per client, or with executors.fused one per executor for all of its
+        sampled clients; either way a (meta, delta) pair of refs per client, keyed by the meta."""
+        pending = {}
+        if not self.cfg.executors.fused:
+            for c in sampled:
+                meta, delta = self.executor_for(c).train.options(num_returns=2).remote(c, round, refs[c], lrs[c], sampled)
+                pending[meta] = (c, delta)
+            return pending
+        groups: dict = {}
+        for c in sampled:
+            groups.setdefault(self.executor_for(c), []).append(c)
+        for executor, clients in groups.items():
+            out = executor.train_many.options(num_returns=2 * len(clients)).remote(
+                clients, round, [lrs[c] for c in clients], sampled, *[refs[c] for c in clients])
+            for j, c in enumerate(clients):
+                pending[out[2 * j]] = (c, out[2 * j + 1])
+        return pending
+
     def _train_round(self, round: int, progress: Progress) -> tuple[dict, list[int]]:
         cfg = self.cfg
+        t0 = time.perf_counter()
         sampled = sample_clients(cfg, round)
         self._await_executors()
         refs = ray.get(self.aggregator.params_for.remote(sampled))
         lrs = ray.get(self.aggregator.client_lrs.remote(sampled, cfg.train.lr))
-        pending = {}
-        for c in sampled:
-            meta, delta = self.executor_for(c).train.options(num_returns=2).remote(c, round, refs[c], lrs[c], sampled)
-            pending[meta] = (c, delta)
+        pending = self._dispatch_train(round, sampled, refs, lrs)
         done, failures = self._collect(pending, round, "train", progress)
         need = math.ceil(cfg.faults.quorum * len(sampled))
         if len(done) < need:
@@ -244,6 +324,8 @@ class Simulation:
             "clients_dropped": float(len(failures)),
             "train_samples": float(n),
             "client_train_seconds": float(sum(m["seconds"] for m in metas)),
+            **train_throughput(metas),
+            "train_phase_seconds": time.perf_counter() - t0,  # sampling to aggregated, without evaluation
             **agg,
         }
         for m in metas:
@@ -275,7 +357,7 @@ class Simulation:
         return out
 
     def _evaluate(self, round: int, progress: Progress) -> dict:
-        clients = list(range(self.cfg.clients.num))
+        clients = eval_clients(self.cfg)
         self._await_executors()
         refs = ray.get(self.aggregator.params_for.remote(clients, False))
         pending = {self.executor_for(c).evaluate.remote(c, refs[c], self.cfg.eval.split): (c, None) for c in clients}
@@ -305,8 +387,8 @@ class Simulation:
             if ckpt:
                 ray.get(self.aggregator.load_state_dict.remote(ckpt["strategy"]))
             params = {**flatten(to_dict(cfg)), "run_dir": str(self.run_dir), "lora_params": self.lora_params,
-                      **derived}
-            self.tracker.start(cfg.name, params, run_id=ckpt.get("mlflow_run_id") if ckpt else None)
+                      **derived, **self.split_params}
+            self.tracker.start(cfg.name, params, run_id=ckpt.get("mlflow_run_id") if ckpt else None, tags=self.tags)
             if not ckpt:
                 self.tracker.log_metrics({f"baseline/{k}/{m}": v for k, d in info["baselines"].items()
                                           for m, v in d.items()}, step=0)
@@ -328,6 +410,10 @@ class Simulation:
                     "round": r, "strategy": ray.get(self.aggregator.state_dict.remote()), "history": history,
                     "dropped": dropped, "mlflow_run_id": self.tracker.run_id,
                     "wall_seconds": wall_before + time.perf_counter() - t_start})
+                # The checkpoint covers round r now: the sampled clients' older store entries can go.
+                ClientStore(self.run_dir / "client_state").prune(sample_clients(cfg, r), r)
+                if self.on_round:
+                    self.on_round(r, metrics)
             done = bool(history) and history[-1]["round"] == cfg.train.rounds - 1
             summary = self._finish(info, history, dropped, wall_before + time.perf_counter() - t_start, done)
             # An early stop is an interruption: KILLED until `--resume` sets it running again.
@@ -358,6 +444,7 @@ class Simulation:
             "bytes_up": sum(h.get("bytes_up", 0) for h in history),
             "bytes_down": sum(h.get("bytes_down", 0) for h in history),
             "dropped": dropped, "wall_seconds": wall, "lora_params": self.lora_params,
+            "split": getattr(self, "split_params", {}),  # storage.mode split: memory on the client vs the server
             "mlflow_run_id": self.tracker.run_id,
         }
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=float))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 
@@ -11,6 +12,19 @@ def default_uri() -> str:
 
 def resolve_uri(cli_uri: str | None, cfg_uri: str | None) -> str:
     return cli_uri or cfg_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri()
+
+
+def retry_locked(fn, *args, tries: int = 12, **kwargs):
+    """Call an MLflow client method; on sqlite's 'database is locked' (concurrent Tune trials writing
+    one store; a read that turns into a write is refused at once, whatever the busy timeout) wait and
+    try again, so no metric is lost."""
+    for attempt in range(tries):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            if "database is locked" not in str(e) or attempt == tries - 1:
+                raise
+            time.sleep(min(5.0, 0.1 * 2 ** attempt))
 
 
 class Tracker:
@@ -43,28 +57,26 @@ class Tracker:
         from mlflow.entities import Param
 
         if run_id:  # resuming: keep writing into the interrupted run
-            self.client.update_run(run_id, status="RUNNING")
+            retry_locked(self.client.update_run, run_id, status="RUNNING")
             self.run_id = run_id
             return run_id
-        run = self.client.create_run(self._experiment_id(), run_name=run_name,
-                                     tags={k: str(v) for k, v in (tags or {}).items()})
+        run = retry_locked(self.client.create_run, self._experiment_id(), run_name=run_name,
+                           tags={k: str(v) for k, v in (tags or {}).items()})
         self.run_id = run.info.run_id
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i:i + 100])
+            retry_locked(self.client.log_batch, self.run_id, params=items[i:i + 100])
         return self.run_id
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if not self.enabled:
             return
-        import time
-
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None and v == v]
         for i in range(0, len(items), 1000):
-            self.client.log_batch(self.run_id, metrics=items[i:i + 1000])
+            retry_locked(self.client.log_batch, self.run_id, metrics=items[i:i + 1000])
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if not self.enabled or not Path(path).exists():
@@ -76,4 +88,4 @@ class Tracker:
 
     def end(self, status: str = "FINISHED") -> None:
         if self.enabled and self.run_id:
-            self.client.set_terminated(self.run_id, status=status)
+            retry_locked(self.client.set_terminated, self.run_id, status=status)

@@ -100,8 +100,8 @@ def test_pool_of_executors_serves_virtual_clients(ray_local, tiny_cfg):
     history = load_checkpoint(Path(summary["run_dir"]))["history"]
     assert [h["clients_sampled"] for h in history] == [3, 3]
     assert len(summary["clients_final"]) == 5  # every client evaluated on its own test split
-    states = list((Path(summary["run_dir"]) / "client_state").glob("*.pt"))
-    assert len({p.name.split(".")[0] for p in states}) >= 3  # optimizer state kept per client
+    states = list((Path(summary["run_dir"]) / "client_state").glob("client_*/r*.pt"))
+    assert len({p.parent.name for p in states}) >= 3  # optimizer state kept per client
 
 
 def test_impossible_resources_fail_before_any_actor_starts(ray_local, tiny_cfg):

@@ -73,6 +73,26 @@ def test_three_clients_match_the_hand_computed_formula():
     assert not torch.allclose(s.params_for(0), s.params_for(1), atol=1e-4)
 
 
+def test_similarity_on_update_tells_apart_clients_that_a_shared_init_makes_look_alike():
+    # A large shared init and opposite updates: cos over adapters ~1, over updates exactly -1.
+    g = torch.full((6,), 10.0)
+    d = torch.tensor([1.0, -1.0, 0.5, 0.0, 0.0, 0.0])
+    on_adapter, on_update = PPLR(), PPLR(similarity_on="update")
+    for s in (on_adapter, on_update):
+        s.initialize(g, 2)
+        s.aggregate(0, updates_for([d, -d], [0.6, 0.6]))
+    assert on_adapter.last_sim[0, 1] > 0.99
+    assert on_update.last_sim[0, 1] == pytest.approx(0.0, abs=1e-12)
+    # s_01 = 0: nothing to pull towards, each client keeps its own adapter.
+    assert torch.allclose(on_update.params_for(0), g + d) and torch.allclose(on_update.params_for(1), g - d)
+    # The formula otherwise unchanged: the hand computation on the updates' similarity.
+    want, _, _ = expected_pplr([(g + d).double().numpy(), (g - d).double().numpy()], [0.6, 0.6], 0, 0.7, 1.0, 0.05)
+    assert not np.allclose(on_adapter.params_for(0).numpy(), (g + d).numpy())
+    assert np.allclose(on_adapter.params_for(0).numpy(), want[0], atol=1e-5)
+    assert make_strategy(load_config("configs/tiny.yaml", ["strategy.name=pplr",
+                                                           "strategy.pplr.similarity_on=update"])).similarity_on == "update"
+
+
 def test_non_reporting_clients_keep_their_last_adapter_and_deltas_are_from_their_own_params():
     torch.manual_seed(1)
     g = torch.randn(5)

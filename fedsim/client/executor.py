@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +28,10 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from fedsim.client.state import ClientStore, flat_to_opt_state, opt_state_to_flat
 from fedsim.config import config_from_dict
 from fedsim.data.prompt import render_prompt
+from fedsim.models.fused import FusedLoRA, StackedAdamW, chunks
 from fedsim.models.loader import load_base
 from fedsim.models.lora import (attach_lora, export_state, freeze_lora_A, get_flat, local_params, lora_modules,
                                 set_flat, shared_params, split_dense, trainable)
@@ -49,31 +52,43 @@ def client_seed(seed: int, client: int, round: int) -> int:
     return (seed * 1_000_003 + client * 10_007 + round) % (2**31)
 
 
-class ClientStore:
-    """Each client's optimizer state, versioned by round so a resumed run reads a consistent one."""
+def batch_stream(rng: np.random.Generator, num_rows: int, batch_size: int):
+    """Each local step's row indices: passes over fresh permutations of the client's rows; a pass
+    that cannot fill a batch starts a new one (a client with fewer rows than a batch uses them all)."""
+    order, pos = rng.permutation(num_rows), 0
+    while True:
+        if pos + batch_size > len(order) and pos > 0:
+            order, pos = rng.permutation(num_rows), 0
+        idx = order[pos:pos + batch_size]
+        pos += len(idx)
+        yield idx
 
-    def __init__(self, root: Path):
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
 
-    def _versions(self, client: int) -> list[tuple[int, Path]]:
-        out = []
-        for p in self.root.glob(f"client_{client:05d}.r*.pt"):
-            out.append((int(p.name.split(".r")[1].split(".")[0]), p))
-        return sorted(out)
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak GPU memory this process allocated on `device`; on a CPU, its peak resident set."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
 
-    def load(self, client: int, before_round: int) -> dict | None:
-        older = [(r, p) for r, p in self._versions(client) if r < before_round]
-        return torch.load(older[-1][1], weights_only=False) if older else None
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
-    def save(self, client: int, round: int, state: dict) -> None:
-        path = self.root / f"client_{client:05d}.r{round}.pt"
-        tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-        # Keep the previous version too: a crash mid-round leaves the round's new one unusable.
-        for r, p in self._versions(client)[:-2]:
-            p.unlink(missing_ok=True)
+
+@dataclass
+class LocalRun:
+    """One client's local training in progress: what `train` and `train_many` share."""
+    client: int
+    round: int
+    lr: float
+    t0: float
+    rows: pd.DataFrame
+    params: torch.Tensor  # what the server sent; the delta is measured from it
+    opt: torch.optim.AdamW
+    saved: dict | None  # the client's store entry from its previous round
+    rng: np.random.Generator  # its batch order
+    steps: int
+    state: dict  # what privacy accountants and client hooks keep per client across rounds
+    used: set = field(default_factory=set)  # rows trained on: the members a privacy audit attacks
+    tokens: torch.Tensor | int = 0  # non-padding tokens trained on
 
 
 def quiet_transformers() -> None:
@@ -88,7 +103,8 @@ def quiet_transformers() -> None:
 
 
 class ClientExecutor:
-    def __init__(self, config: dict, run_dir: str, model_path: str, executor_id: int, num_threads: int = 1):
+    def __init__(self, config: dict, run_dir: str, model_path: str, executor_id: int, num_threads: int = 1,
+                 split_server=None):
         torch.set_num_threads(max(1, num_threads))
         quiet_transformers()
         self.cfg = config_from_dict(config)
@@ -106,6 +122,15 @@ class ClientExecutor:
         self.local = [p for _, p in local]  # trained, never uploaded (fedsa: B)
         self.initial = get_flat(self.params)  # the shared-seed init every executor starts from
         self.initial_local = get_flat(self.local) if self.local else None
+        self.split = None
+        if self.cfg.storage.mode == "split":  # PPLR flexible storage: the middle layers run on `split_server`
+            from fedsim.models.split import SplitClient
+
+            self.split = SplitClient(self.model, self.cfg, split_server, executor_id)
+            shared, local = self.split.shared, self.split.local  # middle-layer LoRA shared, client-side private
+            self.shared, self.local = [p for _, p in shared], [p for _, p in local]
+            self.params = self.shared + self.local
+            self.initial, self.initial_local = get_flat(self.params), get_flat(self.local)
         if self.mode == "stack":
             self.modules = lora_modules(self.model)
             self.base_layers = [self.model.get_submodule(m.name).base_layer for m in self.modules]
@@ -114,6 +139,10 @@ class ClientExecutor:
         self.yes_id, self.no_id = answer_token_ids(self.tokenizer)
         self.store = ClientStore(self.run_dir / "client_state")
         self.postprocessors = build_postprocessors(self.cfg, [(n, p.numel()) for n, p in shared])
+        if self.cfg.executors.compile:
+            # The decoder is what training and scoring run; graphs are kept per set-up (peft layers
+            # to evaluate, fused layers to train) with dynamic batch and sequence sizes.
+            self.model.get_base_model().base_model.compile(dynamic=True)
         self.sample_dp = None
         if self.cfg.privacy.sample_dp.enabled:
             from fedsim.privacy.dp_sgd import SampleDP
@@ -122,7 +151,8 @@ class ClientExecutor:
 
     def ready(self) -> dict:
         return {"executor": self.executor_id, "pid": os.getpid(), "device": str(self.device),
-                "lora_params": sum(p.numel() for p in self.shared)}
+                "lora_params": sum(p.numel() for p in self.shared),
+                "split": self.split.describe() if self.split is not None else {}}
 
     def initial_params(self) -> torch.Tensor | dict:
         if self.mode == "stack":  # the server needs the factors' geometry to stack them
@@ -167,9 +197,9 @@ class ClientExecutor:
                     marker.touch()
                     os._exit(1)  # a real process death, as a lost machine would look
 
-    def train(self, client: int, round: int, params: torch.Tensor, lr: float, sampled: list[int]) -> tuple[dict, torch.Tensor]:
-        """Local training from `params`; returns (metadata, delta = trained - received), the delta
-        already through the client-side postprocessors."""
+    def _begin_local(self, client: int, round: int, params, lr: float) -> LocalRun:
+        """Everything before a client's first local step: its rows, the received adapter (and its own
+        local part) in the model, its AdamW with its saved moments, its seeded batch order."""
         self._maybe_crash(client, round)
         t0 = time.perf_counter()
         t = self.cfg.train
@@ -177,59 +207,149 @@ class ClientExecutor:
         if len(rows) == 0:
             raise ValueError(f"client {client} has no train rows in {shard_path(self.run_dir, client)}")
         params = self._load_params(client, params, round)
+        if self.split is not None:
+            self.split.reset()  # this client's activation traffic and FLOPs, reported in _end_local
         opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=t.weight_decay)
         saved = self.store.load(client, round)
         if saved is not None and self.mode != "stack":  # stack: a fresh LoRA, a fresh optimizer
-            opt.load_state_dict(saved["opt"])
-            for g in opt.param_groups:  # the aggregator may have changed this client's rate
-                g["lr"] = lr
+            # Only the moments come back: lr (which the aggregator may change per client) stays as built.
+            flat_to_opt_state(opt, saved["opt"])
         seed = client_seed(t.seed, client, round)
-        rng = np.random.default_rng(seed)
         torch.manual_seed(seed)
         steps = t.local_steps or max(1, math.ceil(t.local_epochs * len(rows) / t.batch_size))
-        # Per-client state that privacy accountants and client hooks keep across rounds.
-        state = (saved or {}).get("privacy", {})
+        return LocalRun(client, round, lr, t0, rows, params, opt, saved, np.random.default_rng(seed), steps,
+                        (saved or {}).get("privacy", {}))
 
-        used: set[int] = set()  # the rows this client trained on: the members a privacy audit attacks
+    def _take(self, run: LocalRun, idx) -> pd.DataFrame:
+        run.used.update(int(i) for i in idx)
+        return run.rows.iloc[idx]
+
+    def _logits(self, rows: pd.DataFrame) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(Yes/No logits, labels, non-padding tokens) of each row."""
+        batch = self._batch(rows)
+        logits = self._forward(batch)
+        labels = torch.tensor(rows["label"].to_numpy(), device=logits.device)
+        return logits, labels, batch["attention_mask"].sum(1)
+
+    def _forward(self, batch: dict) -> torch.Tensor:
+        """Yes/No logits of a batch: through the whole model, or split with the server actor."""
+        if self.split is not None:
+            return self.split.logits(batch, self.yes_id, self.no_id)
+        return yes_no_logits(self.model, batch, self.yes_id, self.no_id)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":  # so that a timing covers the queued GPU work
+            torch.cuda.synchronize(self.device)
+
+    def _end_local(self, run: LocalRun, losses: list[float], seen: int, weight: float, dp_metrics: dict,
+                   sampled: list[int], step_seconds: float) -> tuple[dict, torch.Tensor]:
+        """Everything after a client's last local step (its trained adapter is in the model): the
+        delta through the client-side postprocessors, the client's store entry, the metadata."""
+        delta = get_flat(self.shared) - run.params.float()
+        ctx = ClientContext(run.client, run.round, seen, len(sampled), self.cfg.clients.num, run.state, list(sampled))
+        delta, weight, post_metrics = run_client_hooks(self.postprocessors, delta, weight, ctx)
+        members = np.union1d((run.saved or {}).get("members", np.zeros(0, dtype=np.int64)), sorted(run.used))
+        saved = {"opt": opt_state_to_flat(run.opt), "privacy": run.state, "members": members.astype(np.int64)}
+        if self.local:
+            saved["local"] = get_flat(self.local)
+        self.store.save(run.client, run.round, saved)
+        meta = {"client": run.client, "executor": self.executor_id, "num_samples": seen, "weight": weight,
+                "steps": run.steps, "lr": run.lr, "loss": float(np.mean(losses)) if losses else float("nan"),
+                "seconds": time.perf_counter() - run.t0,
+                "metrics": {**dp_metrics, **post_metrics, **(self.split.take_metrics() if self.split else {})},
+                # for throughput and overhead figures (fedsim bench): time in the local-training loop,
+                # tokens trained on, this process's peak memory
+                "step_seconds": step_seconds, "tokens": int(run.tokens), "peak_bytes": peak_memory_bytes(self.device)}
+        return meta, delta
+
+    def train(self, client: int, round: int, params: torch.Tensor, lr: float, sampled: list[int]) -> tuple[dict, torch.Tensor]:
+        """Local training from `params`; returns (metadata, delta = trained - received), the delta
+        already through the client-side postprocessors."""
+        run = self._begin_local(client, round, params, lr)
 
         def loss_of(idx):
-            used.update(int(i) for i in idx)
-            batch = rows.iloc[idx]
-            logits = yes_no_logits(self.model, self._batch(batch), self.yes_id, self.no_id)
-            labels = torch.tensor(batch["label"].to_numpy(), device=logits.device)
+            logits, labels, tokens = self._logits(self._take(run, idx))
+            run.tokens = run.tokens + tokens.sum()
             return preference_loss(logits, labels)
 
+        t_loop = time.perf_counter()
         self.model.train()
         if self.sample_dp is not None:  # record-level DP-SGD (Poisson batches, per-sample clipping, noise)
-            losses, seen, dp_metrics = self.sample_dp.train(opt, loss_of, len(rows), steps, rng, client, round, state)
-            weight = self.sample_dp.expected_samples(len(rows), steps)
+            losses, seen, dp_metrics = self.sample_dp.train(run.opt, loss_of, len(run.rows), run.steps, run.rng,
+                                                            client, round, run.state)
+            weight = self.sample_dp.expected_samples(len(run.rows), run.steps)
         else:
-            order, pos, losses, seen, dp_metrics = rng.permutation(len(rows)), 0, [], 0, {}
-            for _ in range(steps):
-                if pos + t.batch_size > len(order) and pos > 0:
-                    order, pos = rng.permutation(len(rows)), 0
-                idx = order[pos:pos + t.batch_size]
-                pos += len(idx)
+            batches = batch_stream(run.rng, len(run.rows), self.cfg.train.batch_size)
+            losses, seen, dp_metrics = [], 0, {}
+            for _ in range(run.steps):
+                idx = next(batches)
                 loss = loss_of(idx)
                 loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                run.opt.step()
+                run.opt.zero_grad(set_to_none=True)
                 losses.append(loss.item())
                 seen += len(idx)
             weight = float(seen)
         self.model.eval()
-        delta = get_flat(self.shared) - params.float()
-        ctx = ClientContext(client, round, seen, len(sampled), self.cfg.clients.num, state, list(sampled))
-        delta, weight, post_metrics = run_client_hooks(self.postprocessors, delta, weight, ctx)
-        members = np.union1d((saved or {}).get("members", np.zeros(0, dtype=np.int64)), sorted(used))
-        saved = {"opt": opt.state_dict(), "privacy": state, "members": members.astype(np.int64)}
-        if self.local:
-            saved["local"] = get_flat(self.local)
-        self.store.save(client, round, saved)
-        meta = {"client": client, "executor": self.executor_id, "num_samples": seen, "weight": weight,
-                "steps": steps, "lr": lr, "loss": float(np.mean(losses)) if losses else float("nan"),
-                "seconds": time.perf_counter() - t0, "metrics": {**dp_metrics, **post_metrics}}
-        return meta, delta
+        self._sync()
+        return self._end_local(run, losses, seen, weight, dp_metrics, sampled, time.perf_counter() - t_loop)
+
+    def train_many(self, clients: list[int], round: int, lrs: list[float], sampled: list[int], *params) -> list:
+        """Fused local training of several clients (`executors.fused`, `fedsim.models.fused`): each
+        step is one forward and backward over a batch made of every client's own batch, each row
+        through its own client's LoRA, and one AdamW step of every client. Gives each client the
+        (meta, delta) `train` would, flat as [meta_0, delta_0, meta_1, delta_1, ...] so that Ray
+        hands each out as its own object (`num_returns=2 * len(clients)`). `params` are the
+        received adapters, one per client, as separate arguments so Ray resolves their refs."""
+        if self.sample_dp is not None:
+            raise ValueError("executors.fused cannot run privacy.sample_dp (per-sample clipping is per client)")
+        if not (len(clients) == len(lrs) == len(params)):
+            raise ValueError(f"train_many: {len(clients)} clients, {len(lrs)} lrs, {len(params)} adapters")
+        group = FusedLoRA(self.model, len(clients), self.params)
+        opt = StackedAdamW(group.weight, group.grad)
+        runs = []
+        for slot, (client, p, lr) in enumerate(zip(clients, params, lrs)):
+            runs.append(self._begin_local(client, round, p, lr))
+            group.load(slot)
+            opt.load(slot, runs[-1].opt)
+        # LoRA dropout draws one mask over the mixed batch: seeded per group, not per client.
+        torch.manual_seed(client_seed(self.cfg.train.seed, clients[0], round))
+        streams = [batch_stream(run.rng, len(run.rows), self.cfg.train.batch_size) for run in runs]
+        seen, losses = [0] * len(runs), []
+        tokens = torch.zeros(len(runs), dtype=torch.long, device=self.device)
+        t_loop = time.perf_counter()
+        self.model.train()
+        with group.installed():
+            for step in range(max(run.steps for run in runs)):
+                counts, frames = [0] * len(runs), {}
+                for slot, run in enumerate(runs):
+                    if step < run.steps:  # local_epochs: clients with fewer rows finish earlier
+                        frames[slot] = self._take(run, next(streams[slot]))
+                        counts[slot] = len(frames[slot])
+                        seen[slot] += counts[slot]
+                step_losses = torch.zeros(len(runs), device=self.device)
+                for part in chunks(counts, self.cfg.executors.fused_rows):  # whole clients per pass
+                    group.route.set([counts[s] if s in part else 0 for s in range(len(runs))])
+                    logits, labels, row_tokens = self._logits(pd.concat([frames[s] for s in part]))
+                    per_client = group.client_losses(preference_loss(logits, labels, reduction="none"))
+                    group.backward(per_client.sum())  # accumulates over the passes
+                    step_losses += per_client.detach()
+                    tokens.index_add_(0, group.route.idx, row_tokens)
+                opt.step(torch.tensor(counts) > 0)
+                group.zero_grad()
+                losses.append(step_losses)
+        self.model.eval()
+        self._sync()
+        share = (time.perf_counter() - t_loop) / len(runs)  # each client's share of the fused loop
+        losses = torch.stack(losses).cpu()
+        out = []
+        for slot, run in enumerate(runs):
+            group.store(slot)
+            opt.store(slot, run.opt)
+            run.tokens = tokens[slot]
+            out += self._end_local(run, losses[:run.steps, slot].tolist(), seen[slot], float(seen[slot]), {},
+                                   sampled, share)
+        return out
 
     @torch.no_grad()
     def evaluate(self, client: int, params: torch.Tensor, split: str) -> dict:
@@ -238,7 +358,7 @@ class ClientExecutor:
         probs = []
         bs = self.cfg.eval.batch_size
         for i in range(0, len(rows), bs):
-            logits = yes_no_logits(self.model, self._batch(rows.iloc[i:i + bs]), self.yes_id, self.no_id)
+            logits = self._forward(self._batch(rows.iloc[i:i + bs]))
             probs.append(p_yes(logits).cpu().numpy())
         probs = np.concatenate(probs) if probs else np.zeros(0)
         return {"client": client, "labels": rows["label"].to_numpy(), "probs": probs}
@@ -246,12 +366,19 @@ class ClientExecutor:
     @torch.no_grad()
     def membership(self, client: int, params, max_rows: int) -> dict:
         """Per-row losses of the final model on rows the client trained on (members) and on held-out
-        rows of the same users (non-members), for a loss-threshold membership-inference attack."""
+        rows of the same users (non-members), for a loss-threshold membership-inference attack.
+
+        Non-members are the client's train-split rows it never trained on, from the members' users:
+        the same users and the same time span as the members, so a model that learned nothing scores
+        0.5. (Valid / test rows come later in time and differ in distribution; they are used only
+        when a client trained on every train row it has.)"""
         self._load_params(client, params, LATEST)
         saved = self.store.load(client, LATEST) or {}
         train = self._rows(client, "train")
-        members = train.iloc[saved.get("members", np.zeros(0, dtype=np.int64))]
-        held = pd.concat([self._rows(client, "valid"), self._rows(client, "test")])
+        used = saved.get("members", np.zeros(0, dtype=np.int64))
+        members = train.iloc[used]
+        unused = train.drop(index=train.index[used])
+        held = unused if len(unused) else pd.concat([self._rows(client, "valid"), self._rows(client, "test")])
         same_users = held[held["user"].isin(members["user"])]
         held = same_users if len(same_users) else held
         rng = np.random.default_rng(client_seed(self.cfg.train.seed, client, 10**6))
@@ -262,7 +389,7 @@ class ClientExecutor:
             losses = []
             for i in range(0, len(df), self.cfg.eval.batch_size):
                 part = df.iloc[i:i + self.cfg.eval.batch_size]
-                logits = yes_no_logits(self.model, self._batch(part), self.yes_id, self.no_id)
+                logits = self._forward(self._batch(part))
                 labels = torch.tensor(part["label"].to_numpy(), device=logits.device)
                 losses.append(F.cross_entropy(logits, (1 - labels).long(), reduction="none").cpu().numpy())
             out[name] = np.concatenate(losses) if losses else np.zeros(0)
@@ -280,6 +407,8 @@ class ClientExecutor:
                            "merged_rounds": params["version"], "base_model": self.cfg.model.name,
                            "target_modules": list(self.cfg.model.lora.target_modules),
                            "usage": "for each key k: W[k] = W_base[k] + delta[k]"}
+        if self.split is not None:  # client-side layers' LoRA are private: exported at the shared init
+            return self.split.export_state(self.model, params, self.initial_local)
         set_flat(self.shared, params)
         if self.local:
             bs = [s["local"] for c in range(self.cfg.clients.num)

@@ -6,6 +6,8 @@
   GGUF takes ~20 s on a CPU, the cached copy under a second).
 - `tiny-random`: a small Llama with random weights and a word-level tokenizer built from the
   run's own prompts; written into the run directory so every actor loads the same thing.
+- `smollm2-135m-shape`: the same, with SmolLM2-135M's dimensions (30 layers, hidden 576): for
+  benchmarks on a GPU without fetching the real weights.
 - anything else: a Hugging Face model name or a local path, passed to `from_pretrained`.
 """
 from __future__ import annotations
@@ -81,8 +83,15 @@ def _gguf_to_safetensors(gguf: Path, out: Path) -> None:
     os.replace(tmp, out)
 
 
-def build_tiny_random(out: Path, texts: list[str], seed: int = 0) -> Path:
-    """A 2-layer Llama with random weights and a word-level tokenizer over `texts`."""
+# Random-weight Llamas of a real model's shape, with the word-level tokenizer: the compute of the
+# real model (bar the LM head's vocabulary) without a download, for benchmarks (fedsim bench).
+SHAPES = {"smollm2-135m-shape": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                     num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048)}
+
+
+def build_tiny_random(out: Path, texts: list[str], seed: int = 0, num_layers: int = 2, shape: dict | None = None) -> Path:
+    """A small Llama (2 decoder layers unless told; or of `shape`) with random weights and a
+    word-level tokenizer over `texts`."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -94,7 +103,7 @@ def build_tiny_random(out: Path, texts: list[str], seed: int = 0) -> Path:
     tk.train_from_iterator(list(texts) + ["Yes No"], trainer)
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
     cfg = LlamaConfig(vocab_size=tk.get_vocab_size(), pad_token_id=0, eos_token_id=2, bos_token_id=2,
-                      tie_word_embeddings=True, **TINY)
+                      tie_word_embeddings=True, **(shape or {**TINY, "num_hidden_layers": num_layers}))
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)
     tmp = out.with_name(out.name + ".tmp")
@@ -105,12 +114,14 @@ def build_tiny_random(out: Path, texts: list[str], seed: int = 0) -> Path:
     return out
 
 
-def resolve_model(name: str, run_dir: Path, texts: list[str], seed: int = 0, log=print) -> str:
+def resolve_model(name: str, run_dir: Path, texts: list[str], seed: int = 0, log=print, tiny_layers: int = 2) -> str:
     """Turn `model.name` into something `from_pretrained` can load on any actor."""
     if name == "smollm2-135m":
         return str(fetch_smollm2(log=log))
     if name == "tiny-random":
-        return str(build_tiny_random(run_dir / "model", texts, seed))
+        return str(build_tiny_random(run_dir / "model", texts, seed, tiny_layers))
+    if name in SHAPES:
+        return str(build_tiny_random(run_dir / "model", texts, seed, shape=SHAPES[name]))
     if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
         raise ModelError(f"model.name: local path {name!r} does not exist")
     return name

@@ -34,7 +34,9 @@ def attach_lora(model, lora_cfg, seed: int):
     cfg = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
                      target_modules=list(lora_cfg.target_modules), bias="none")
     try:
-        return get_peft_model(model, cfg)
+        # get_peft_model leaves the model in train mode (dropout on): an executor whose first call is
+        # an evaluation would score with dropout. Training switches to train() itself.
+        return get_peft_model(model, cfg).eval()
     except ValueError as e:
         raise ValueError(f"model.lora.target_modules {lora_cfg.target_modules}: {e}") from e
 
@@ -64,12 +66,14 @@ def set_flat(params: list[torch.nn.Parameter], flat: torch.Tensor) -> None:
         i += p.numel()
 
 
-def export_state(model, flat: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict]:
-    """peft-format adapter weights and config for `flat`, ready for safetensors + JSON."""
+def export_state(model, flat: torch.Tensor, extra: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """peft-format adapter weights and config for `flat`, ready for safetensors + JSON; `extra`:
+    LoRA weights held outside the model by their parameter names (a split model's middle layers)."""
     from peft import get_peft_model_state_dict
 
     set_flat(trainable(model), flat)
-    state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    full = {**model.state_dict(), **extra} if extra else None
+    state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model, state_dict=full).items()}
     cfg = model.peft_config["default"].to_dict()
     cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
     return state, cfg

@@ -44,7 +44,12 @@ def yes_no_logits(model, batch: dict, yes_id: int, no_id: int) -> torch.Tensor:
     """(B, 2) logits of [Yes, No] at each row's answer position."""
     lm = _causal_lm(model)
     hidden = lm.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
-    h = hidden[torch.arange(hidden.shape[0], device=hidden.device), batch["last"]]
+    return answer_logits(lm, hidden, batch["last"], yes_id, no_id)
+
+
+def answer_logits(lm, hidden: torch.Tensor, last: torch.Tensor, yes_id: int, no_id: int) -> torch.Tensor:
+    """(B, 2) [Yes, No] logits from the final (normed) hidden states at each row's `last` position."""
+    h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
     head = lm.get_output_embeddings()
     w = head.weight[[yes_id, no_id]]
     logits = h @ w.T
@@ -53,9 +58,9 @@ def yes_no_logits(model, batch: dict, yes_id: int, no_id: int) -> torch.Tensor:
     return logits.float()
 
 
-def preference_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def preference_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     # Class 0 is "Yes": a liked item's target is index 0.
-    return F.cross_entropy(logits, (1 - labels).long())
+    return F.cross_entropy(logits, (1 - labels).long(), reduction=reduction)
 
 
 def p_yes(logits: torch.Tensor) -> torch.Tensor:

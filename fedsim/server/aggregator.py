@@ -4,20 +4,14 @@ from __future__ import annotations
 import ray
 import torch
 
+from fedsim.client.state import state_nbytes
 from fedsim.postprocessors import RoundContext, build_postprocessors, run_server_hooks, run_update_hooks
 from fedsim.server.strategy import Update, make_strategy
 
 
-def wire_bytes(payload) -> int:
-    """Bytes of the tensors in what is sent (a tensor, or a dict / list of them, e.g. the stack
-    mode's {"version", "delta_w"}); scalars are not counted."""
-    if isinstance(payload, torch.Tensor):
-        return payload.numel() * payload.element_size()
-    if isinstance(payload, dict):
-        return sum(wire_bytes(v) for v in payload.values())
-    if isinstance(payload, (list, tuple)):
-        return sum(wire_bytes(v) for v in payload)
-    return 0
+# Bytes of the tensors in what is sent (a tensor, or a dict / list of them, e.g. the stack mode's
+# {"version", "delta_w"}); scalars are not counted. The same count as an idle client's stored state.
+wire_bytes = state_nbytes
 
 
 class Aggregator:

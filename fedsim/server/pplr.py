@@ -6,6 +6,7 @@ Per round t (0-based), over the clients P that reported:
 
     theta_i  = params_for(i) + delta_i                      client i's adapter after local training
     s_ij     = (cos(theta_i, theta_j) + 1) / 2,  s_ii = 1   similarity, in [0, 1]
+               (similarity_on="update": cos(theta_i - theta_0, theta_j - theta_0), theta_0 the shared init)
     p        = softmax(L / temperature)                     L: the clients' mean train losses this round
     w_i      = tanh(alpha / p_i ** (t + 1/beta))            "heats up" over rounds; slower for large p_i
     theta_i' = (theta_i + sum_{j != i} w_i s_ij theta_j) / (1 + sum_{j != i} w_i s_ij)
@@ -102,11 +103,14 @@ class PPLR(Strategy):
 
     def __init__(self, alpha: float = 0.7, beta: float = 1.0, temperature: float = 0.05,
                  lr_rule: str = "loss_gap", lr_gamma: float = 0.5, lr_min_scale: float = 0.5,
-                 lr_max_scale: float = 2.0):
+                 lr_max_scale: float = 2.0, similarity_on: str = "adapter"):
         if not (alpha > 0 and beta > 0 and temperature > 0):
             raise ValueError(f"PPLR needs alpha, beta, temperature > 0, got {alpha}, {beta}, {temperature}")
         if lr_rule not in ("none", "loss_gap"):
             raise ValueError(f"PPLR lr_rule {lr_rule!r} is not one of 'none', 'loss_gap'")
+        if similarity_on not in ("adapter", "update"):
+            raise ValueError(f"PPLR similarity_on {similarity_on!r} is not one of 'adapter', 'update'")
+        self.similarity_on = similarity_on
         self.alpha, self.beta, self.temperature = alpha, beta, temperature
         self.lr_rule, self.lr_gamma = lr_rule, lr_gamma
         self.lr_min_scale, self.lr_max_scale = lr_min_scale, lr_max_scale
@@ -114,7 +118,8 @@ class PPLR(Strategy):
     @classmethod
     def from_config(cls, cfg) -> "PPLR":
         p = cfg.strategy.pplr
-        return cls(p.alpha, p.beta, p.temperature, p.lr_rule, p.lr_gamma, p.lr_min_scale, p.lr_max_scale)
+        return cls(p.alpha, p.beta, p.temperature, p.lr_rule, p.lr_gamma, p.lr_min_scale, p.lr_max_scale,
+                   p.similarity_on)
 
     def initialize(self, params, num_clients):
         self.num_clients = num_clients
@@ -153,7 +158,7 @@ class PPLR(Strategy):
         losses = sanitize_losses([u.metrics.get("loss", float("nan")) for u in updates])
         scales = {c: self.lr_scale(c) for c in clients}  # the scale each trained with this round
 
-        s = similarity(thetas)
+        s = similarity(thetas - self.initial.double() if self.similarity_on == "update" else thetas)
         w, p = balance_weights(losses, round, self.alpha, self.beta, self.temperature)
         mixed = mix(thetas, s, w)
 

@@ -1,0 +1,188 @@
+"""The end of a sweep: one row per trial (read from its fedsim run directory), a rich table, a CSV,
+and plots as artifacts of the MLflow parent run: privacy-utility (epsilon vs AUC with the
+per-client spread), clients vs AUC and clients vs wall time."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fedsim.report import fmt_seconds
+from fedsim.simulation import load_checkpoint
+from fedsim.sweep import EPSILON_KEYS
+
+NAN = float("nan")
+
+
+def epsilon_spent(row: dict, cfg: dict) -> float:
+    """The run's privacy loss: client-level epsilon, else the largest client's record-level one;
+    inf without DP."""
+    if cfg["privacy"]["client_dp"]["enabled"]:
+        return float(row.get("dp/epsilon", NAN))
+    if cfg["privacy"]["sample_dp"]["enabled"]:
+        eps = [v for k, v in row.items() if k.endswith("/dp/sample_epsilon")]
+        return float(max(eps)) if eps else NAN
+    return math.inf
+
+
+def trial_row(spec: dict, result, interrupted: bool) -> dict:
+    """What one trial did, from its fedsim checkpoint (present once a round finished)."""
+    cfg, run_dir = spec["config"], Path(spec["run_dir"])
+    row = {"trial": spec["trial"], **{k: v for k, v in spec["params"].items() if k != "train.seed"},
+           "seed": cfg["train"]["seed"], "auc": NAN, "auc_gap": NAN, "auc_min": NAN, "auc_max": NAN,
+           "epsilon": epsilon_spent({}, cfg), "bytes_up": 0.0, "bytes_down": 0.0, "wall_seconds": NAN,
+           "rounds": 0, "status": "", "run_dir": str(run_dir), "mlflow_run_id": None}
+    ckpt = load_checkpoint(run_dir) if run_dir.exists() else None
+    if ckpt:
+        history = ckpt["history"]
+        evals = [h for h in history if "auc" in h]
+        last = evals[-1] if evals else {}
+        row.update({k: last.get(k, NAN) for k in ("auc", "auc_gap", "auc_min", "auc_max")})
+        row.update(epsilon=epsilon_spent(history[-1], cfg), rounds=len(history), wall_seconds=ckpt["wall_seconds"],
+                   bytes_up=sum(h.get("bytes_up", 0) for h in history),
+                   bytes_down=sum(h.get("bytes_down", 0) for h in history), mlflow_run_id=ckpt.get("mlflow_run_id"))
+        summary = run_dir / "summary.json"
+        if summary.exists() and json.loads(summary.read_text())["complete"]:
+            row["wall_seconds"] = json.loads(summary.read_text())["wall_seconds"]  # includes the final export
+    if result is not None and result.error:
+        row["status"] = "ERROR"
+    elif row["rounds"] == cfg["train"]["rounds"]:
+        row["status"] = "FINISHED"
+    elif interrupted:
+        row["status"] = "INTERRUPTED"
+    else:
+        row["status"] = "STOPPED" if result is not None else "NOT RUN"  # STOPPED: the scheduler ended it early
+    return row
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return "∞" if v == math.inf else "-" if v != v else f"{v:.4g}"
+    return str(v)
+
+
+def results_table(rows: list[dict], keys: list[str], title: str) -> str:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(record=True, width=160, file=open("/dev/null", "w"))
+    t = Table(title=title)
+    shown = [k for k in keys if k != "train.seed"]
+    for col in ["trial", *shown, "seed", "rounds", "AUC", "AUC gap", "ε spent", "MiB up", "wall", "status"]:
+        t.add_column(col, justify="left" if col == "status" else "right")
+    for r in rows:
+        t.add_row(str(r["trial"]), *[_fmt(r.get(k)) for k in shown], str(r["seed"]), str(r["rounds"]), _fmt(r["auc"]),
+                  _fmt(r["auc_gap"]), _fmt(r["epsilon"]), f"{r['bytes_up'] / 2**20:.2f}",
+                  fmt_seconds(r["wall_seconds"]) if r["wall_seconds"] == r["wall_seconds"] else "-", r["status"])
+    console.print(t)
+    return console.export_text()
+
+
+def _series(rows: list[dict], keys: list[str], x_key: str) -> dict[str, list[dict]]:
+    """Rows grouped by the varied keys other than the x axis and the seed, in sweep order."""
+    other = [k for k in keys if k not in (x_key, "train.seed") and not (x_key == "epsilon" and k in EPSILON_KEYS)]
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        label = ", ".join(f"{'.'.join(k.split('.')[-2:])}={_fmt(r.get(k))}" for k in other) or "all"
+        groups.setdefault(label, []).append(r)
+    return groups
+
+
+def _mean_by_x(rows: list[dict], x_of, ys: tuple[str, ...]) -> tuple[list[float], dict[str, list[float]]]:
+    """Mean over seeds of each y at each x."""
+    xs = sorted({x_of(r) for r in rows})
+    return xs, {y: [float(np.mean([r[y] for r in rows if x_of(r) == x])) for x in xs] for y in ys}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_privacy_utility(rows: list[dict], keys: list[str], path: Path) -> Path | None:
+    """Epsilon vs pooled AUC, one line per setting of the other keys, a band from the worst to the best
+    client's AUC (means over seeds). The x is the epsilon target when the sweep varies one, else the
+    epsilon spent; no DP (infinity) is drawn to the right of the largest finite value."""
+    target = next((k for k in keys if k in EPSILON_KEYS), None)
+    x_of = (lambda r: r[target]) if target else (lambda r: r["epsilon"])
+    rows = [r for r in rows if r["auc"] == r["auc"] and x_of(r) == x_of(r)]
+    if len({x_of(r) for r in rows}) < 2:
+        return None
+    finite = [x_of(r) for r in rows if x_of(r) != math.inf]
+    inf_at = 4 * max(finite) if finite else 1.0
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    groups = _series(rows, keys, target or "epsilon")
+    for j, (label, grp) in enumerate(groups.items()):
+        xs, m = _mean_by_x(grp, x_of, ("auc", "auc_min", "auc_max"))
+        pos = np.array([inf_at if x == math.inf else x for x in xs]) * (1 + 0.05 * (j - (len(groups) - 1) / 2))
+        line, = ax.plot(pos, m["auc"], marker="o", label=label)
+        ax.fill_between(pos, m["auc_min"], m["auc_max"], color=line.get_color(), alpha=0.15)
+    ax.set_xscale("log")
+    no_dp = any(x_of(r) == math.inf for r in rows)
+    ax.set_xticks(sorted(set(finite)) + [inf_at] * no_dp, [_fmt(x) for x in sorted(set(finite))] + ["∞ (no DP)"] * no_dp)
+    ax.minorticks_off()
+    ax.set(xlabel=f"ε ({target or 'spent'})", ylabel="test AUC (band: worst to best client)",
+           title="privacy–utility")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_clients(rows: list[dict], keys: list[str], auc_path: Path, wall_path: Path) -> list[Path]:
+    """Number of clients vs AUC (with the per-client spread) and vs wall time, mean over seeds."""
+    rows = [r for r in rows if r["auc"] == r["auc"]]
+    if "clients.num" not in keys or len({r["clients.num"] for r in rows}) < 2:
+        return []
+    plt = _plt()
+    out = []
+    for path, y, ylabel in ((auc_path, "auc", "test AUC (band: worst to best client)"),
+                            (wall_path, "wall_seconds", "wall time per trial (s)")):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for label, grp in _series(rows, keys, "clients.num").items():
+            xs, m = _mean_by_x(grp, lambda r: r["clients.num"], ("auc", "auc_min", "auc_max", "wall_seconds"))
+            line, = ax.plot(xs, m[y], marker="o", label=label)
+            if y == "auc":
+                ax.fill_between(xs, m["auc_min"], m["auc_max"], color=line.get_color(), alpha=0.15)
+        ax.set_xticks(sorted({r["clients.num"] for r in rows}))
+        ax.set(xlabel="clients", ylabel=ylabel, title=f"clients vs {'AUC' if y == 'auc' else 'wall time'}")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        out.append(path)
+    return out
+
+
+def finish(state: dict, rows: list[dict], sweep_dir: Path, parent, log=print) -> dict:
+    """Table on the console; results.csv and plots in the sweep directory and on the parent run."""
+    keys = state["keys"]
+    done = [r for r in rows if r["status"] == "FINISHED"]
+    title = (f"sweep {state['name']}: {len(done)}/{len(rows)} trials finished "
+             f"(metric {state['metric']}, {state['mode']})")
+    log("\n" + results_table(rows, keys, title))
+    csv = sweep_dir / "results.csv"
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    plots = [p for p in (plot_privacy_utility(rows, keys, sweep_dir / "privacy_utility.png"),
+                         *plot_clients(rows, keys, sweep_dir / "clients_auc.png", sweep_dir / "clients_wall.png")) if p]
+    scored = [r[state["metric"]] for r in done if r[state["metric"]] == r[state["metric"]]]
+    metrics = {"trials": len(rows), "trials_finished": len(done),
+               "trials_failed": sum(r["status"] == "ERROR" for r in rows)}
+    if scored:
+        metrics[f"best_{state['metric']}"] = max(scored) if state["mode"] == "max" else min(scored)
+    parent.log_metrics(metrics, step=0)
+    for path in (csv, sweep_dir / "sweep.json", *plots):
+        parent.log_artifact(path)
+    log(f"results: {csv}" + (f"; plots: {', '.join(p.name for p in plots)}" if plots else ""))
+    return {"name": state["name"], "sweep_dir": str(sweep_dir), "parent_run_id": parent.run_id,
+            "tracking_uri": state["tracking"]["uri"], "trials": rows, "completed": len(done),
+            "csv": str(csv), "plots": [str(p) for p in plots]}

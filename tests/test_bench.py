@@ -1,0 +1,31 @@
+"""`fedsim bench` (benchmarks/throughput.py): it runs the three modes on the tiny model and reports
+positive figures. Timings themselves are not checked here (benchmarks measure, tests do not)."""
+import json
+import re
+
+from fedsim.cli import main
+
+
+def test_bench_prints_a_row_per_mode_with_positive_figures(ray_local, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--clients", "2", "--batch", "2", "--seq", "32", "--steps", "1", "--rounds", "2",
+                 "--fused-executors", "1", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    for mode, executors in (("actors", 2), ("pool", 2), ("fused", 1)):
+        row = re.search(rf"^{mode}\s+(\d+)\s+([\d,]+)\s+([\d,.]+)\s+([\d,.]+)\s+n/a\s+([\d.]+) (MiB|GiB)\s+([\d.]+) %\s+(\d+)$",
+                        text, re.M)
+        assert row, (mode, text)
+        assert int(row[1]) == executors
+        assert float(row[2].replace(",", "")) > 0 and float(row[3].replace(",", "")) > 0 and float(row[4]) > 0
+        assert float(row[5]) > 0 and 0 <= float(row[7]) <= 100 and 0 < int(row[8]) <= 32
+    assert "MFU: n/a" in text
+    result = json.loads(out.read_text())
+    assert [r["mode"] for r in result["modes"]] == ["actors", "pool", "fused"]
+    for r in result["modes"]:
+        assert r["tokens_per_s"] > 0 and r["samples_per_s"] > 0 and r["peak_bytes"] > 0 and r["timed_rounds"] == 1
+        assert r["flops_per_s"] > 0 and r["mfu"] is None
+
+
+def test_bench_rejects_an_unknown_mode(capsys):
+    assert main(["bench", "--modes", "actors,turbo"]) == 2
+    assert "--modes 'actors,turbo': choose from actors, pool, fused" in capsys.readouterr().err

@@ -1,0 +1,165 @@
+"""`fedsim tune`: sweep files, trial placement groups, a real sweep under Ray Tune with MLflow parent
+and nested runs, an interrupted sweep resumed."""
+import math
+import re
+
+import pandas as pd
+import pytest
+import yaml
+
+from fedsim.cli import main
+from fedsim.config import ConfigError
+from fedsim.sweep import expand, parse_sweep
+
+
+def write_sweep(tmp_path, **fields):
+    data = {"name": "t", "base": "configs/tiny.yaml",
+            "set": {"train.rounds": 1, "executors.num_cpus": 0.5}, **fields}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"gird": {"clients.num": [2]}}, "unknown sweep key 'gird' (did you mean 'grid'?)"),
+    ({"grid": {"clients.nmu": [2]}}, "grid: unknown config key 'clients.nmu' (did you mean 'clients.num'?)"),
+    ({"grid": {"model": [1]}}, "'model' is a section"),
+    ({"grid": {"clients.num": [2, 0]}}, "trial 1 (clients.num=0): clients.num: 0 must be >= 1"),
+    ({"grid": {"privacy.client_dp.epsilon": [4, 1e-4]}}, "trial 1 (privacy.client_dp.epsilon=0.0001): "
+                                                         "privacy.client_dp.epsilon: 0.0001 cannot be reached"),
+    ({"grid": {"train.seed": [1]}, "seeds": [0]}, "'train.seed' is given 2 times"),
+    ({"random": {"params": {"train.lr": {"loguniform": [0, 1]}}}}, "random.params.train.lr.loguniform: [0, 1] needs low > 0"),
+    ({"random": {"params": {"train.lr": {"normal": [0, 1]}}}}, "random.params.train.lr: {'normal': [0, 1]} must be one of"),
+    ({"metric": "auroc"}, "metric: 'auroc' is not one of auc"),
+    ({"scheduler": "asha", "set": {"eval.every": 2}}, "eval.every must be 1, trial 0 has eval.every=2"),
+    ({"trial_cpus": 0}, "trial_cpus: 0.0 must be > 0"),
+])
+def test_sweep_file_errors_name_the_bad_key(tmp_path, fields, message):
+    path = write_sweep(tmp_path, **fields)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        expand(parse_sweep(path), path)
+
+
+def test_cli_reports_a_bad_sweep_before_starting_anything(tmp_path, capsys):
+    path = write_sweep(tmp_path, grid={"train.lrr": [0.1]})
+    assert main(["tune", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'train.lrr' (did you mean 'train.lr'?)" in err and str(path) in err
+
+
+def test_grid_random_and_seeds_expand_into_validated_trials(tmp_path):
+    path = write_sweep(tmp_path, grid={"privacy.client_dp.epsilon": [1, "inf"], "clients.num": [2, 3]},
+                       random={"num_samples": 2, "seed": 3,
+                               "params": {"train.lr": {"loguniform": [1e-4, 1e-2]}, "model.lora.r": {"choice": [2, 4]}}},
+                       seeds=[0, 1])
+    trials = expand(parse_sweep(path), path)
+    assert len(trials) == 2 * 2 * 2 * 2  # epsilons x client counts x random draws x seeds
+    for t in trials:
+        dp = t.cfg.privacy.client_dp
+        if t.params["privacy.client_dp.epsilon"] == math.inf:  # infinity: client-level DP off
+            assert not dp.enabled and dp.epsilon is None
+        else:
+            assert dp.enabled and dp.epsilon == 1.0
+        assert 1e-4 <= t.cfg.train.lr <= 1e-2 and t.cfg.model.lora.r in (2, 4)
+        assert t.cfg.clients.num == t.params["clients.num"] and t.cfg.train.seed == t.params["train.seed"]
+    # A draw is shared by every grid point and seed (paired comparisons); two draws in all.
+    assert len({t.cfg.train.lr for t in trials}) == 2
+    assert [t.params for t in expand(parse_sweep(path), path)] == [t.params for t in trials]  # reproducible
+
+
+def test_executors_take_their_bundles_of_the_trial_placement_group(ray_local, tiny_cfg):
+    """A placement group that reserves the whole cluster: executors placed outside it could never start."""
+    ray = ray_local
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    total = ray.cluster_resources()["CPU"]
+    pg = placement_group([{"CPU": total - 3}, {"CPU": 1.5}, {"CPU": 1.5}])
+    ray.get(pg.ready(), timeout=60)
+
+    @ray.remote
+    class Probe:
+        def where(self):
+            ctx = ray.get_runtime_context()
+            return ctx.get_placement_group_id(), ctx.get_assigned_resources()
+
+    @ray.remote
+    def trial(cfg_two, cfg_three):
+        from fedsim.simulation import bundle_placement, executor_resources
+
+        n, cpus, gpus = executor_resources(cfg_two)
+        probes = [Probe.options(num_cpus=cpus, **bundle_placement(i + 1)).remote() for i in range(n)]
+        where = ray.get([p.where.remote() for p in probes], timeout=120)
+        try:
+            executor_resources(cfg_three)
+            error = None
+        except ValueError as e:
+            error = str(e)
+        return (n, cpus, gpus), where, error
+
+    try:
+        shape, where, error = ray.get(trial.options(num_cpus=total - 3, scheduling_strategy=PlacementGroupSchedulingStrategy(
+            pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True)).remote(
+            tiny_cfg("clients.num=2", "executors.num_cpus=1.5"), tiny_cfg("clients.num=3", "executors.num_cpus=1.5")),
+            timeout=180)
+    finally:
+        remove_placement_group(pg)
+    assert shape == (2, 1.5, 0.0)
+    assert [w[0] for w in where] == [pg.id.hex()] * 2 and all(w[1] == {"CPU": 1.5} for w in where)
+    assert "placement group has 2 executor bundle(s)" in error and "3 executors" in error
+
+
+def test_a_trial_that_cannot_fit_the_cluster_is_an_error_before_tune_starts(ray_local, tmp_path):
+    from fedsim.tune import run_sweep
+
+    path = write_sweep(tmp_path, grid={"clients.num": [2, 8]},
+                       set={"train.rounds": 1, "executors.num_cpus": 1.0, "output_dir": str(tmp_path / "runs")})
+    cpus = ray_local.cluster_resources()["CPU"]
+    with pytest.raises(ConfigError, match=re.escape("trial 1 (clients.num=8) cannot fit the Ray cluster: it needs "
+                                                    "8.5 CPU in all") + f".*the cluster has {cpus:g} CPU"):
+        run_sweep(str(path), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", log=lambda *a: None)
+    assert not (tmp_path / "runs").exists()  # nothing started
+
+
+def test_sweep_under_tune_nested_mlflow_runs_and_resume(ray_local, tmp_path):
+    """Four trials (2 clients counts x 2 epsilons, two at a time), interrupted as Ctrl+C would once two
+    finished (the third is then usually mid-run), then resumed: every trial ends with one nested
+    MLflow run holding each round's metrics exactly once."""
+    from mlflow import MlflowClient
+
+    from fedsim.tune import run_sweep
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    path = write_sweep(tmp_path, grid={"clients.num": [2, 3], "privacy.client_dp.epsilon": [4, "inf"]},
+                       set={"train.rounds": 2, "train.local_steps": 1, "executors.num": 1, "executors.num_cpus": 0.5,
+                            "output_dir": str(tmp_path / "runs")}, max_concurrent=2)
+    first = run_sweep(str(path), tracking_uri=uri, log=lambda *a: None, stop_after_trials=2)
+    assert first["interrupted"]
+    before = {r["trial"]: r for r in first["trials"]}
+    finished_first = [t for t, r in before.items() if r["status"] == "FINISHED"]
+    assert 2 <= len(finished_first) < 4
+    client = MlflowClient(tracking_uri=uri)
+    assert client.get_run(first["parent_run_id"]).info.status == "KILLED"
+
+    second = run_sweep(str(path), tracking_uri=uri, resume=True, log=lambda *a: None)
+    assert not second["interrupted"] and second["sweep_dir"] == first["sweep_dir"]
+    assert second["parent_run_id"] == first["parent_run_id"]
+    rows = pd.read_csv(f"{second['sweep_dir']}/results.csv")
+    assert len(rows) == 4 and set(rows["status"]) == {"FINISHED"} and (rows["rounds"] == 2).all()
+    assert rows["auc"].between(0, 1).all() and (rows["bytes_up"] > 0).all() and (rows["wall_seconds"] > 0).all()
+    dp = rows["privacy.client_dp.epsilon"] == 4
+    assert (rows.loc[~dp, "epsilon"] == math.inf).all() and rows.loc[dp, "epsilon"].between(0.5, 4.0 + 1e-6).all()
+
+    parent = client.get_run(second["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.metrics["trials_finished"] == 4
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"results.csv", "sweep.json", "privacy_utility.png", "clients_auc.png", "clients_wall.png"} <= artifacts
+    nested = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(int(r.data.tags["fedsim.trial"]) for r in nested) == [0, 1, 2, 3]
+    by_trial = {int(r.data.tags["fedsim.trial"]): r for r in nested}
+    for t, run in by_trial.items():
+        assert run.info.status == "FINISHED"
+        for key in ("auc", "bytes_up", "train_loss", "round_seconds") + (("dp/epsilon",) if t in rows[dp]["trial"].tolist() else ()):
+            assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == [0, 1], (t, key)
+    for t in finished_first:  # finished before the interruption: not run again
+        assert by_trial[t].info.run_id == before[t]["mlflow_run_id"]
