@@ -3,8 +3,9 @@ masking (`fedsim.privacy.secagg`) and plain FedAvg, on a vector the size of Smol
 (r=8 on q_proj and v_proj). One process, one thread, no Ray.
 
     pip install tenseal
-    python benchmarks/he_overhead.py [--clients 16] [--poly 8192] [--repeats 1]
+    python benchmarks/he_overhead.py [--clients 16 64] [--poly 8192]
 
+The functions `privacy.he` runs in the loop (`fedsim.privacy.he.HEAggregation`), timed one by one.
 Client: encrypt weight * delta (+ the weight). Server: deserialize and add every ciphertext.
 Key holder: decrypt the sum. Error: max |HE mean - float64 weighted mean|.
 """
@@ -22,9 +23,14 @@ from fedsim.privacy import he
 from fedsim.server.strategy import weighted_mean
 
 try:  # run as a script (python benchmarks/he_overhead.py) or as a module
+    from _table import Table
     from secagg_overhead import bench as secagg_bench, lora_size
 except ImportError:
+    from benchmarks._table import Table
     from benchmarks.secagg_overhead import bench as secagg_bench, lora_size
+
+TABLE = Table([("clients", 7, "d"), ("scheme", 7, "")], [("client s", 8, ".3f")], [("server s", 8, ".3f")],
+              [("decrypt s", 9, ".3f")], [("MB/client", 9, ".2f"), ("x plain", 7, ".1f")], [("max |err|", 9, ".2e")])
 
 
 def bench(m: int, n: int, poly: int) -> dict:
@@ -62,17 +68,15 @@ def main() -> None:
     n = lora_size()
     print(f"vector: {n:,} floats; CKKS N={args.poly}, {args.poly // 2} slots/ciphertext; "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, 1 thread")
-    print(f"{'clients':>7} {'scheme':>7} | {'client s':>8} | {'server s':>8} | {'decrypt s':>9} | "
-          f"{'MB/client':>9} {'x plain':>7} | {'max |err|':>9}")
+    print(TABLE.header())
     for m in args.clients:
         r = bench(m, n, args.poly)
         s = secagg_bench(m, 48, n, 1)[0]
-        print(f"{m:>7} {'ckks':>7} | {r['client_mean']:>8.3f} | {r['server']:>8.3f} | {r['decrypt']:>9.3f} | "
-              f"{r['bytes_client'] / 1e6:>9.2f} {r['bytes_client'] / r['bytes_plain']:>7.1f} | {r['max_err']:>9.2e}")
-        print(f"{m:>7} {'secagg':>7} | {s['client_mean']:>8.3f} | {s['server']:>8.3f} | {'-':>9} | "
-              f"{s['bytes_client'] / 1e6:>9.2f} {s['bytes_client'] / s['bytes_plain']:>7.1f} | {s['max_err']:>9.2e}")
-        print(f"{m:>7} {'plain':>7} | {'-':>8} | {s['plain_server']:>8.3f} | {'-':>9} | "
-              f"{s['bytes_plain'] / 1e6:>9.2f} {1.0:>7.1f} | {0.0:>9.2e}")
+        print(TABLE.row(m, "ckks", r["client_mean"], r["server"], r["decrypt"], r["bytes_client"] / 1e6,
+                        r["bytes_client"] / r["bytes_plain"], r["max_err"]))
+        print(TABLE.row(m, "secagg", s["client_mean"], s["server"], "-", s["bytes_client"] / 1e6,
+                        s["bytes_client"] / s["bytes_plain"], s["max_err"]))
+        print(TABLE.row(m, "plain", "-", s["plain_server"], "-", s["bytes_plain"] / 1e6, 1.0, 0.0))
 
 
 if __name__ == "__main__":

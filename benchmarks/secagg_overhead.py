@@ -24,9 +24,18 @@ from fedsim.postprocessors import ClientContext, RoundContext
 from fedsim.privacy.secagg import SecAgg
 from fedsim.server.strategy import Update, weighted_mean
 
+try:  # run as a script (python benchmarks/secagg_overhead.py) or as a module
+    from _table import Table
+except ImportError:
+    from benchmarks._table import Table
+
 # SmolLM2-135M (HuggingFaceTB/SmolLM2-135M-Instruct config.json): hidden 576, 30 layers,
 # 9 attention heads and 3 key/value heads of head_dim 64.
 HIDDEN, LAYERS, HEADS, KV_HEADS, HEAD_DIM, RANK = 576, 30, 9, 3, 64, 8
+# "client s (mean/max)" is one cell: "mean / max", formatted in main().
+TABLE = Table([("clients", 7, "d"), ("bits", 4, "d"), ("dropped", 7, "d")], [("client s (mean/max)", 19, "")],
+              [("server s", 8, ".4f"), ("plain s", 8, ".4f")], [("MB/client", 9, ".3f"), ("plain MB", 8, ".3f")],
+              [("max |err|", 9, ".2e")])
 
 
 def lora_size(r: int = RANK) -> int:
@@ -93,15 +102,13 @@ def main() -> None:
     n = lora_size()
     print(f"vector: SmolLM2-135M LoRA r={RANK} on q_proj, v_proj = {n:,} floats "
           f"(+1 masked weight); {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, 1 thread")
-    print(f"{'clients':>7} {'bits':>4} {'dropped':>7} | {'client s (mean/max)':>19} | {'server s':>8} "
-          f"{'plain s':>8} | {'MB/client':>9} {'plain MB':>8} | {'max |err|':>9}")
+    print(TABLE.header())
     for m in args.clients:
         for bits in args.bits:
             for r in bench(m, bits, n, args.repeats):
-                print(f"{r['clients']:>7} {r['bits']:>4} {r['dropped']:>7} | "
-                      f"{r['client_mean']:>9.4f} / {r['client_max']:<7.4f} | "
-                      f"{r['server']:>8.4f} {r['plain_server']:>8.4f} | {r['bytes_client'] / 1e6:>9.3f} "
-                      f"{r['bytes_plain'] / 1e6:>8.3f} | {r['max_err']:>9.2e}")
+                client = f"{r['client_mean']:>9.4f} / {r['client_max']:<7.4f}"
+                print(TABLE.row(r["clients"], r["bits"], r["dropped"], client, r["server"], r["plain_server"],
+                                r["bytes_client"] / 1e6, r["bytes_plain"] / 1e6, r["max_err"]))
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ def cmd_run(a) -> int:
 
 
 def cmd_tune(a) -> int:
-    from fedsim.tune import run_sweep
+    from fedsim.tuning.tune import run_sweep
 
     if a.resume and a.set:
         return _err("--resume continues a sweep with its saved trials; drop --set")

@@ -71,12 +71,13 @@ class Postprocessor:
         pass
 
 
-def build_postprocessors(cfg, layout: list[tuple[str, int]] | None = None) -> list[Postprocessor]:
+def build_postprocessors(cfg, layout: list[tuple[str, int]] | None = None, key_holder=None) -> list[Postprocessor]:
     """The ordered chain for a config; each feature that lands adds its entry here.
 
     `layout` ((name, numel) per block of the flat adapter vector, `fedsim.models.lora.flat_layout`)
     is given by the client executor, which knows the model; the aggregator builds the same chain
-    without it (its server hooks, params and state do not need it).
+    without it (its server hooks, params and state do not need it). `key_holder`: the name of the
+    run's CKKS key-holder actor when privacy.he is on (`fedsim.privacy.he.start_key_holder`).
     """
     chain: list[Postprocessor] = []
     privacy = getattr(cfg, "privacy", None)
@@ -89,12 +90,16 @@ def build_postprocessors(cfg, layout: list[tuple[str, int]] | None = None) -> li
         from fedsim.privacy.client_dp import ClientDP
 
         chain.append(ClientDP(cfg))
-    # Secure aggregation last: every other client hook changes the plaintext before it is masked,
+    # Secure aggregation (masks or CKKS) last: every other client hook changes the plaintext before it is masked,
     # and the masked sum is opened before every other server hook (e.g. central DP noise) runs.
     if privacy is not None and privacy.secagg.enabled:
         from fedsim.privacy.secagg import SecAgg
 
         chain.append(SecAgg(cfg))
+    if privacy is not None and privacy.he.enabled:  # the same place as SecAgg (the config allows one)
+        from fedsim.privacy.he import HEAggregation
+
+        chain.append(HEAggregation(cfg, key_holder))
     return chain
 
 

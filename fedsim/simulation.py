@@ -226,18 +226,23 @@ class Simulation:
             self.split_server, split_name, server_gpus = start_split_server(self.cfg, model_path, n, gpus)
             self.log(f"starting the split server actor (num_cpus={self.cfg.storage.server_num_cpus:g}, "
                      f"num_gpus={server_gpus:g}) for decoder layers [{self.cfg.storage.client_layers}, L-1)")
+        self.key_holder, key_name = None, None
+        if self.cfg.privacy.he.enabled:  # CKKS: the clients' joint key, outside the aggregator
+            from fedsim.privacy.he import start_key_holder
+
+            self.key_holder, key_name = start_key_holder(self.cfg)
         self._new_executor = lambda i: ray.remote(ClientExecutor).options(**options, **bundle_placement(i + 1)).remote(
-            *args, i, max(1, int(cpus)), split_server=split_name)
+            *args, i, max(1, int(cpus)), split_server=split_name, key_holder=key_name)
         self.executors = [self._new_executor(i) for i in range(n)]
         infos = ray.get([e.ready.remote() for e in self.executors])
         self.lora_params = infos[0]["lora_params"]
         self.split_params = infos[0].get("split", {})  # memory held on the client vs the split server
         initial = ray.get(self.executors[0].initial_params.remote())
         # The aggregator is light bookkeeping; it takes no CPU slot so it never starves the clients.
-        self.aggregator = ray.remote(Aggregator).options(num_cpus=0).remote(self.cfg, initial)
+        self.aggregator = ray.remote(Aggregator).options(num_cpus=0).remote(self.cfg, initial, key_name)
 
     def _stop_actors(self) -> None:
-        for a in getattr(self, "executors", []) + [getattr(self, "aggregator", None), getattr(self, "split_server", None)]:
+        for a in getattr(self, "executors", []) + [getattr(self, n, None) for n in ("aggregator", "split_server", "key_holder")]:
             if a is not None:
                 ray.kill(a)
 

@@ -1,4 +1,7 @@
 import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -25,3 +28,63 @@ def tiny_cfg(tmp_path):
         return load_config("configs/tiny.yaml", [f"output_dir={tmp_path / 'runs'}",
                                                  f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", *overrides])
     return make
+
+
+@dataclass
+class PreparedRun:
+    """A prepared run directory (data, shards, model cache) for in-process executor tests."""
+    run_dir: Path
+    model_path: str
+
+    def executor(self, own: Path, cfg, executor_id: int = 0):
+        """A ClientExecutor for `cfg` over `own`, a copy of the prepared run made on first use: executors
+        given the same `own` share one client store, as a pool's executors do."""
+        from fedsim.client.executor import ClientExecutor
+        from fedsim.config import to_dict
+
+        if not own.exists():
+            shutil.copytree(self.run_dir, own)
+        return ClientExecutor(to_dict(cfg), str(own), self.model_path, executor_id)
+
+
+@pytest.fixture(scope="session")
+def prepare_run(tmp_path_factory):
+    """`prepare_run(name, cfg)` -> PreparedRun. Preparing costs seconds, so a test module wraps it
+    in a module-scoped fixture with its own config and copies the directory per test."""
+    from fedsim.prepare import prepare
+
+    def make(name, cfg) -> PreparedRun:
+        run_dir = tmp_path_factory.mktemp(name) / "run"
+        run_dir.mkdir()
+        info = prepare(cfg, run_dir, log=lambda *a: None)
+        return PreparedRun(run_dir, info["model_path"])
+    return make
+
+
+@pytest.fixture(scope="session")
+def crash_run_pair(tmp_path_factory):
+    """`crash_run_pair(*overrides)` -> (plain, changed, adapter gap): the tiny run with client 1
+    crashing in round 2, without and with `overrides` (e.g. a secure-aggregation scheme, which must
+    end on the same model). The plain run is made once per session."""
+    from safetensors.torch import load_file
+
+    from fedsim.config import load_config
+    from fedsim.simulation import run
+
+    def one(*overrides):
+        out = tmp_path_factory.mktemp("crash_run")
+        cfg = load_config("configs/tiny.yaml", [f"output_dir={out}", "tracking.enabled=false",
+                                                "faults.crash=[{round: 1, client: 1}]", *overrides])
+        summary = run(cfg, log=lambda *a: None)
+        assert summary["complete"] and summary["dropped"] == [{"round": 1, "client": 1}]
+        return summary
+
+    plain = []
+
+    def pair(*overrides):
+        if not plain:
+            plain.append(one())
+        changed = one(*overrides)
+        a, b = (load_file(Path(s["run_dir"]) / "adapter" / "adapter_model.safetensors") for s in (plain[0], changed))
+        return plain[0], changed, max(float((a[k] - b[k]).abs().max()) for k in a)
+    return pair

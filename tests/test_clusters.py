@@ -12,7 +12,7 @@ import pytest
 import ray
 import yaml
 
-from fedsim.sweep import parse_sweep
+from fedsim.tuning.sweep import parse_sweep
 
 
 def test_runtime_env_has_what_a_job_needs():

@@ -8,14 +8,12 @@ rtol 1e-4 / atol 2e-6 (measured: at most 8e-7 apart, 3e-5 of the largest delta e
 rel 1e-5 (float32; the two differ only in summation order: one batch padded to the longest prompt
 of all clients vs per client, bmm vs linear, per-client vector scalars in AdamW).
 """
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from fedsim.client.executor import ClientExecutor
-from fedsim.config import ConfigError, load_config, to_dict
+from fedsim.config import ConfigError, load_config
 from fedsim.models.fused import FusedLoRA, StackedAdamW, chunks
 from fedsim.models.scoring import preference_loss
 from fedsim.simulation import load_checkpoint, run
@@ -32,25 +30,14 @@ def tiny(*overrides):
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    from fedsim.prepare import prepare
-
-    run_dir = tmp_path_factory.mktemp("fused") / "run"
-    run_dir.mkdir()
-    info = prepare(tiny(), run_dir, **QUIET)
-    return run_dir, info["model_path"]
+def prepared(prepare_run):
+    return prepare_run("fused", tiny())
 
 
 @pytest.fixture
 def executor(prepared, tmp_path):
-    """An executor over its own copy of the prepared run (its own client store)."""
-    run_dir, model_path = prepared
-
-    def make(name, *overrides):
-        own = tmp_path / name
-        shutil.copytree(run_dir, own)
-        return ClientExecutor(to_dict(tiny(*overrides)), str(own), model_path, 0)
-    return make
+    """An executor over its own copy of the prepared run (its own client store, one per name)."""
+    return lambda name, *overrides: prepared.executor(tmp_path / name, tiny(*overrides))
 
 
 def assert_close(a, b, what):

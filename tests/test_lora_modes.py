@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedsim.client.executor import LATEST, ClientExecutor
-from fedsim.config import ConfigError, load_config, to_dict
+from fedsim.client.executor import LATEST
+from fedsim.config import ConfigError, load_config
 from fedsim.models.lora import (LoraModule, get_flat, lora_part, set_flat, split_dense, stack_factors,
                                 stacked_delta_w)
 from fedsim.server.aggregator import Aggregator, wire_bytes
@@ -29,28 +29,16 @@ def tiny(*overrides):
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    from fedsim.prepare import prepare
-
-    run_dir = tmp_path_factory.mktemp("lora_modes") / "run"
-    run_dir.mkdir()
-    info = prepare(tiny(), run_dir, **QUIET)
-    return run_dir, info["model_path"]
+def prepared(prepare_run):
+    return prepare_run("lora_modes", tiny())
 
 
 @pytest.fixture
 def executor(prepared, tmp_path):
-    """A fresh executor in `mode`, each with its own client store (a copy of the prepared run)."""
-    import shutil
-
-    run_dir, model_path = prepared
-
-    def make(mode, executor_id=0):
-        own = tmp_path / "run"
-        if not own.exists():
-            shutil.copytree(run_dir, own)
-        return ClientExecutor(to_dict(tiny(f"strategy.lora_mode={mode}")), str(own), model_path, executor_id)
-    return make
+    """A fresh executor in `mode`; a test's executors share one client store (one copy of the prepared
+    run), so one can read what another saved."""
+    return lambda mode, executor_id=0: prepared.executor(tmp_path / "run", tiny(f"strategy.lora_mode={mode}"),
+                                                         executor_id)
 
 
 def lora_layers(model):

@@ -6,7 +6,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from fedsim.config import ConfigError, load_config
 from fedsim.postprocessors import ClientContext, build_postprocessors, run_client_hooks
@@ -14,7 +13,7 @@ from fedsim.privacy.client_dp import ClientDP
 from fedsim.privacy.secagg import (SecAgg, SecAggClient, advertise_keys, client_private_key, decode, encode,
                                    from_wire, pair_seed, prg, remove_dropped_masks, representable, ring_mask, ring_sum)
 from fedsim.server.aggregator import Aggregator
-from fedsim.simulation import load_checkpoint, run
+from fedsim.simulation import load_checkpoint
 
 SEED = 7
 
@@ -265,16 +264,9 @@ def test_secagg_composes_with_client_dp_clip_then_mask_unmask_then_noise():
 # A whole run on Ray
 
 
-def test_a_run_with_secagg_matches_the_same_run_without(ray_local, tiny_cfg):
+def test_a_run_with_secagg_matches_the_same_run_without(ray_local, crash_run_pair):
     # Client 1 crashes in round 2: that round recovers its masks from the survivors' seeds.
-    common = ["tracking.enabled=false", "faults.crash=[{round: 1, client: 1}]"]
-    plain = run(tiny_cfg(*common), log=lambda *a: None)
-    secure = run(tiny_cfg(*common, "privacy.secagg.enabled=true"), log=lambda *a: None)
-    assert plain["complete"] and secure["complete"]
-    assert plain["dropped"] == secure["dropped"] == [{"round": 1, "client": 1}]
-    a = load_file(Path(plain["run_dir"]) / "adapter" / "adapter_model.safetensors")
-    b = load_file(Path(secure["run_dir"]) / "adapter" / "adapter_model.safetensors")
-    gap = max(float((a[k] - b[k]).abs().max()) for k in a)
+    plain, secure, gap = crash_run_pair("privacy.secagg.enabled=true")
     assert gap < 1e-5, gap
     assert secure["final"]["auc"] == pytest.approx(plain["final"]["auc"], abs=1e-3)
     history = load_checkpoint(Path(secure["run_dir"]))["history"]

@@ -9,7 +9,7 @@ import yaml
 
 from fedsim.cli import main
 from fedsim.config import ConfigError
-from fedsim.sweep import expand, parse_sweep
+from fedsim.tuning.sweep import expand, parse_sweep
 
 
 def write_sweep(tmp_path, **fields):
@@ -110,7 +110,7 @@ def test_executors_take_their_bundles_of_the_trial_placement_group(ray_local, ti
 
 
 def test_a_trial_that_cannot_fit_the_cluster_is_an_error_before_tune_starts(ray_local, tmp_path):
-    from fedsim.tune import run_sweep
+    from fedsim.tuning.tune import run_sweep
 
     path = write_sweep(tmp_path, grid={"clients.num": [2, 8]},
                        set={"train.rounds": 1, "executors.num_cpus": 1.0, "output_dir": str(tmp_path / "runs")})
@@ -127,7 +127,7 @@ def test_sweep_under_tune_nested_mlflow_runs_and_resume(ray_local, tmp_path):
     MLflow run holding each round's metrics exactly once."""
     from mlflow import MlflowClient
 
-    from fedsim.tune import run_sweep
+    from fedsim.tuning.tune import run_sweep
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     path = write_sweep(tmp_path, grid={"clients.num": [2, 3], "privacy.client_dp.epsilon": [4, "inf"]},

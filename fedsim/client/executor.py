@@ -104,7 +104,7 @@ def quiet_transformers() -> None:
 
 class ClientExecutor:
     def __init__(self, config: dict, run_dir: str, model_path: str, executor_id: int, num_threads: int = 1,
-                 split_server=None):
+                 split_server=None, key_holder=None):
         torch.set_num_threads(max(1, num_threads))
         quiet_transformers()
         self.cfg = config_from_dict(config)
@@ -138,7 +138,7 @@ class ClientExecutor:
             self.merged_version = 0
         self.yes_id, self.no_id = answer_token_ids(self.tokenizer)
         self.store = ClientStore(self.run_dir / "client_state")
-        self.postprocessors = build_postprocessors(self.cfg, [(n, p.numel()) for n, p in shared])
+        self.postprocessors = build_postprocessors(self.cfg, [(n, p.numel()) for n, p in shared], key_holder)
         if self.cfg.executors.compile:
             # The decoder is what training and scoring run; graphs are kept per set-up (peft layers
             # to evaluate, fused layers to train) with dynamic batch and sequence sizes.

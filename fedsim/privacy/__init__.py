@@ -1,9 +1,10 @@
 """Differential privacy for fedsim: accountants, client-level DP-FedAvg, DP-LoRA (local noise on
-the LoRA A and B parts of an update) and record-level DP-SGD on each client (Opacus); and secure
-aggregation (pairwise additive masks: the server sees only the sum of the updates).
+the LoRA A and B parts of an update) and record-level DP-SGD on each client (Opacus); and two ways
+for the server to see only the sum of the updates: secure aggregation with pairwise additive masks
+(`secagg`) and homomorphic aggregation with CKKS (`he`), sharing `summed`.
 
 Config: the `privacy` section (`privacy.client_dp`, `privacy.dp_lora`, `privacy.sample_dp`,
-`privacy.secagg`); the postprocessors are put in the chain by
+`privacy.secagg`, `privacy.he`, `privacy.audit`); the postprocessors are put in the chain by
 `fedsim.postprocessors.build_postprocessors`.
 """
 from __future__ import annotations

@@ -72,6 +72,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from fedsim.postprocessors import ClientContext, Postprocessor, RoundContext
+from fedsim.privacy.summed import one_update, weighted_with_weight
 
 SALT = b"fedsim-secagg-v1"
 
@@ -274,18 +275,13 @@ class SecAgg(Postprocessor):
         t0 = time.perf_counter()
         if not ctx.sampled:
             raise ValueError("secagg: the client context has no list of sampled clients (ClientContext.sampled)")
-        d = delta.detach().cpu().double().numpy()
-        x = np.empty(len(d) + 1, dtype=np.float64)
-        np.multiply(d, float(weight), out=x[:-1])
-        x[-1] = float(weight)
+        x = weighted_with_weight(delta, weight)
         q = encode(x, self.bits, self.scale_bits, len(ctx.sampled), who=f"client {ctx.client}")
         y = SecAggClient(self.seed, ctx.client, ctx.round, ctx.sampled, self.bits).mask(q)
         # Weight 1: the real weight is the last (masked) entry of y.
         return to_wire(y, self.bits), 1.0, {"secagg/seconds_client": time.perf_counter() - t0}
 
     def on_server_updates(self, updates: list, ctx: RoundContext):
-        from fedsim.server.strategy import Update
-
         if not updates:
             return updates, {}
         t0 = time.perf_counter()
@@ -299,13 +295,8 @@ class SecAgg(Postprocessor):
             # The unmasking round: each survivor reveals its pair seeds with the dropped clients.
             revealed = {j: SecAggClient(self.seed, j, ctx.round, sampled, self.bits).reveal(dropped) for j in reported}
             total = remove_dropped_masks(total, revealed, self.bits)
-        plain = decode(total, self.bits, self.scale_bits)
-        weight_sum = plain[-1]
-        if not weight_sum > 0:
-            raise ValueError(f"secagg: round {ctx.round + 1}: the reporting clients' weights sum to {weight_sum}")
-        step = torch.from_numpy(plain[:-1] / weight_sum).float()
-        agg = Update(client=-1, delta=step, num_samples=sum(u.num_samples for u in updates), weight=1.0,
-                     metrics={"secagg/clients": reported, "secagg/dropped": dropped})
+        agg, weight_sum = one_update(decode(total, self.bits, self.scale_bits), updates, ctx.round, "secagg",
+                                     {"secagg/clients": reported, "secagg/dropped": dropped})
         return [agg], {"secagg/seconds_server": time.perf_counter() - t0, "secagg/bits": float(self.bits),
                        "secagg/dropped": float(len(dropped)), "secagg/weight_sum": float(weight_sum)}
 

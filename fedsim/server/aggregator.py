@@ -15,11 +15,11 @@ wire_bytes = state_nbytes
 
 
 class Aggregator:
-    def __init__(self, cfg, initial_params: torch.Tensor):
+    def __init__(self, cfg, initial_params: torch.Tensor, key_holder=None):
         self.num_clients = cfg.clients.num
         self.strategy = make_strategy(cfg)
         self.strategy.initialize(initial_params, cfg.clients.num)
-        self.postprocessors = build_postprocessors(cfg)
+        self.postprocessors = build_postprocessors(cfg, key_holder=key_holder)
         self.bytes_down = 0
 
     def params_for(self, clients: list[int], count: bool = True) -> dict[int, ray.ObjectRef]:

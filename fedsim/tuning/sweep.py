@@ -38,9 +38,9 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import numpy as np
-import yaml
 
-from fedsim.config import Config, ConfigError, _build, apply_overrides, config_from_dict, set_key
+from fedsim.config import (Config, ConfigError, _build, apply_overrides, config_from_dict, read_yaml_mapping,
+                           set_key)
 
 # The sweep metric must be one the simulation reports after an evaluated round.
 METRICS = ("auc", "logloss", "accuracy", "auc_mean", "auc_std", "auc_min", "auc_max", "auc_gap", "train_loss")
@@ -126,14 +126,7 @@ def _set(data: dict, key: str, value: Any, where: str) -> None:
 
 def parse_sweep(path: str | Path) -> Sweep:
     p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"sweep file {str(p)!r} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise _fail(p, f"not valid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise _fail(p, "must hold a mapping at the top level")
+    data = read_yaml_mapping(p, "sweep file")
     if isinstance(data.get("scheduler"), str):  # shorthand: `scheduler: asha`
         data["scheduler"] = {"name": data["scheduler"]}
     for k in ("name", "base"):
@@ -226,7 +219,7 @@ def load_base(s: Sweep, sweep_path: str | Path, overrides: list[str] | None) -> 
     if not base.exists():
         raise _fail(sweep_path, f"base: config file {s.base!r} does not exist (paths are relative to the "
                                 f"working directory, {Path.cwd()})")
-    data = yaml.safe_load(base.read_text()) or {}
+    data = read_yaml_mapping(base, "config file")
     for key, value in s.set.items():
         _set(data, key, value, f"sweep file {str(sweep_path)!r}: set.{key}")
     return apply_overrides(data, overrides or [])

@@ -3,11 +3,11 @@
 Each trial is a whole `Simulation` inside a Tune function trainable and reserves its actors through
 one placement group: bundle 0 for the trial's driver loop, bundle i+1 for executor actor i with its
 CPU and GPU fraction, so concurrent trials never starve each other. Every trial's config is built
-and validated (fedsim.sweep), and every trial's bundles compared with the cluster, before Tune starts.
+and validated (fedsim.tuning.sweep), and every trial's bundles compared with the cluster, before Tune starts.
 
 MLflow: the driver creates the experiment and one parent run per sweep; each trial logs its
 per-round metrics into a nested run (tag `mlflow.parentRunId`). At the end the parent run gets the
-results CSV and plots (fedsim.sweep_report).
+results CSV and plots (fedsim.tuning.report).
 
 Layout: `<output_dir>/<sweep name>-<timestamp>/` is the Tune experiment directory; it also holds
 `sweep.json` (the expanded trials, so `--resume` runs exactly them), `runs/trial_NNN/` (each trial's
@@ -27,11 +27,11 @@ from pathlib import Path
 import ray
 from ray import tune
 
-from fedsim import sweep_report
 from fedsim.config import ConfigError, config_from_dict, to_dict
 from fedsim.simulation import Simulation, executor_gpus, init_ray
-from fedsim.sweep import Sweep, Trial, describe_point, expand, load_base, parse_sweep
 from fedsim.tracking import Tracker, resolve_uri, retry_locked
+from fedsim.tuning import report as sweep_report  # not fedsim.report, the single run's report
+from fedsim.tuning.sweep import Sweep, Trial, describe_point, expand, load_base, parse_sweep
 
 # What each trial reports to Tune once per round (the scheduler compares trials on `metric`).
 REPORTED = ("train_loss", "auc", "logloss", "accuracy", "auc_mean", "auc_std", "auc_min", "auc_max", "auc_gap",

@@ -12,7 +12,7 @@ import pandas as pd
 
 from fedsim.report import fmt_seconds
 from fedsim.simulation import load_checkpoint
-from fedsim.sweep import EPSILON_KEYS
+from fedsim.tuning.sweep import EPSILON_KEYS
 
 NAN = float("nan")
 
