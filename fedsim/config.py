@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -77,6 +78,10 @@ class ClientsConfig:
     num: int = 4
     # Clients sampled per round: an int count, or a fraction of `num` when <= 1.0 and a float.
     per_round: Union[int, float] = 1.0
+    # fixed: exactly per_round clients, drawn without replacement. poisson: each client joins a
+    # round on its own with probability q = per_round / num (so per_round is the expected count
+    # and a round may have none), the sampling client-level DP accounting assumes.
+    sampling: Literal["fixed", "poisson"] = "fixed"
 
 
 @dataclass
@@ -351,6 +356,17 @@ def _check(ok: bool, key: str, value: Any, why: str) -> None:
         raise ConfigError(f"{key}: {value!r} {why}")
 
 
+def count_of(k: int | float, n: int) -> int:
+    """An int count as it is, or a fraction of `n` rounded half up, at least 1 (clients.per_round,
+    eval.clients)."""
+    return k if isinstance(k, int) else max(1, math.floor(k * n + 0.5))
+
+
+def clients_per_round(cfg: Config) -> int:
+    """m: the clients sampled per round; with clients.sampling poisson, the expected number (q = m / N)."""
+    return count_of(cfg.clients.per_round, cfg.clients.num)
+
+
 def validate(cfg: Config) -> Config:
     """Range checks that the types alone cannot express."""
     d, t = cfg.data, cfg.train
@@ -513,8 +529,7 @@ def _validate_privacy(cfg: Config) -> None:
         _check(16 <= sa.bits <= 64, "privacy.secagg.bits", sa.bits, "must be in [16, 64]")
         _check(0 <= sa.scale_bits <= sa.bits - 2, "privacy.secagg.scale_bits", sa.scale_bits,
                f"must be in [0, privacy.secagg.bits - 2 = {sa.bits - 2}]")
-        k = cfg.clients.per_round
-        m = k if isinstance(k, int) else max(1, int(k * n + 0.5))  # as fedsim.simulation.sample_clients
+        m = clients_per_round(cfg)
         limit = (2 ** (sa.bits - 1) - 1) // m / 2 ** sa.scale_bits
         # Each client's weight is one of the encoded entries; FedAvg weights are sample counts >= 1.
         _check(limit >= 1, "privacy.secagg.scale_bits", sa.scale_bits,

@@ -47,6 +47,9 @@ class RoundContext:
 
 class Postprocessor:
     name = "identity"
+    # True: the server hooks must run even in a round where no client reported (central DP noise);
+    # the aggregator then gives the strategy one zero update.
+    noise_every_round = False
 
     def on_client_update(self, delta: torch.Tensor, weight: float, ctx: ClientContext) -> tuple[torch.Tensor, float, dict]:
         """Returns the (possibly changed) delta, its aggregation weight, and metrics to report."""

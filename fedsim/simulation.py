@@ -21,7 +21,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from fedsim.client.executor import ClientExecutor
 from fedsim.client.state import ClientStore
-from fedsim.config import Config, config_from_dict, flatten, save_config, to_dict
+from fedsim.config import Config, clients_per_round, config_from_dict, count_of, flatten, save_config, to_dict
 from fedsim.metrics import accuracy, auc, logloss
 from fedsim.postprocessors import describe
 from fedsim.prepare import prepare
@@ -100,10 +100,11 @@ def executor_resources(cfg: Config) -> tuple[int, float, float]:
 
 
 def sample_clients(cfg: Config, round: int) -> list[int]:
-    n = cfg.clients.num
-    k = cfg.clients.per_round
-    m = k if isinstance(k, int) else max(1, round_half_up(k * n))
+    """The round's clients, a function of (seed, round) only, so a resumed run samples the same."""
+    n, m = cfg.clients.num, clients_per_round(cfg)
     rng = np.random.default_rng([cfg.train.seed, round, 7])
+    if cfg.clients.sampling == "poisson":
+        return np.flatnonzero(rng.random(n) < m / n).tolist()
     return sorted(rng.choice(n, size=m, replace=False).tolist())
 
 
@@ -113,13 +114,9 @@ def eval_clients(cfg: Config) -> list[int]:
     n, k = cfg.clients.num, cfg.eval.clients
     if k is None:
         return list(range(n))
-    m = k if isinstance(k, int) else max(1, round_half_up(k * n))
+    m = count_of(k, n)
     rng = np.random.default_rng([cfg.train.seed, 13])
     return sorted(rng.choice(n, size=m, replace=False).tolist())
-
-
-def round_half_up(x: float) -> int:
-    return int(math.floor(x + 0.5))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,7 +320,7 @@ class Simulation:
         metrics = {
             # Poisson batches (DP-SGD) can leave a client with no rows; weigh losses by clients then.
             "train_loss": float(sum(m["loss"] * m["num_samples"] for m in metas) / n) if n else
-            float(np.mean([m["loss"] for m in metas])),
+            float(np.mean([m["loss"] for m in metas])) if metas else float("nan"),  # nan: no one sampled
             "clients_sampled": float(len(sampled)),
             "clients_reported": float(len(done)),
             "clients_dropped": float(len(failures)),

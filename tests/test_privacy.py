@@ -15,7 +15,8 @@ from fedsim.privacy.client_dp import ClientDP
 from fedsim.privacy.dp_lora import DPLoRA, part_masks
 from fedsim.privacy.dp_sgd import SampleDP, dp_optimizer, dp_step
 from fedsim.server.strategy import FedAvg, Update
-from fedsim.simulation import Simulation, load_checkpoint, run
+from fedsim.server.aggregator import Aggregator
+from fedsim.simulation import Simulation, load_checkpoint, run, sample_clients
 
 QUIET = dict(log=lambda *a: None)
 
@@ -176,8 +177,46 @@ def test_client_dp_server_noise_has_std_z_clip_over_sampled_clients():
                            "dp/clip": 0.7, "dp/planned_epsilon": pytest.approx(epsilon_for(1.3, 0.4, 5, 1e-5))}
 
 
+def test_poisson_sampling_draws_each_client_with_rate_q():
+    cfg = load_config("configs/tiny.yaml", ["clients.num=200", "clients.per_round=20", "clients.sampling=poisson"])
+    rounds = [sample_clients(cfg, r) for r in range(300)]
+    assert rounds == [sample_clients(cfg, r) for r in range(300)]  # a function of (seed, round): resumable
+    counts = np.array([len(r) for r in rounds])
+    assert abs(counts.mean() - 20) < 1.0 and counts.std() > 2  # E = qN = 20, sd = sqrt(Nq(1-q)) = 4.2
+    share = np.bincount(np.concatenate(rounds), minlength=200) / 300
+    assert abs(share.mean() - 0.1) < 0.01 and share.max() < 0.25
+    assert all(r == sorted(set(r)) for r in rounds)
+    fixed = load_config("configs/tiny.yaml", ["clients.num=200", "clients.per_round=20"])
+    assert {len(sample_clients(fixed, r)) for r in range(50)} == {20}
+
+
+def test_client_dp_divides_by_the_configured_m_not_by_who_was_drawn():
+    # Poisson sampling drew 6 clients where 4 are expected: the mean over the 6 becomes sum / 4 and
+    # the noise stays z C / 4 (a denominator that moved with the draw would leak who took part).
+    dp = ClientDP(privacy_cfg(client_dp=dict(enabled=True, noise_multiplier=1.3, clip=0.7)))
+    out, metrics = run_server_hooks([dp], torch.ones(1_000_000), RoundContext(0, 6, 6, 10))
+    assert float(out.mean()) == pytest.approx(1.5, abs=0.001)
+    assert float(out.std()) == pytest.approx(1.3 * 0.7 / 4, rel=0.02) and metrics["dp/noise_std"] == pytest.approx(1.3 * 0.7 / 4)
+    assert dp.accountant.history == [(1.3, 0.4, 1)]
+
+
+def test_a_round_with_no_client_still_releases_the_noise_and_spends_epsilon():
+    n = 5000
+    cfg = load_config("configs/tiny.yaml", ["clients.num=10", "clients.per_round=2", "clients.sampling=poisson",
+                                            "privacy.client_dp.enabled=true", "privacy.client_dp.noise_multiplier=1.0",
+                                            "privacy.client_dp.clip=0.5"])
+    agg = Aggregator(cfg, torch.zeros(n))
+    metrics = agg.aggregate(0, [], [])
+    assert float(agg.global_params().std()) == pytest.approx(1.0 * 0.5 / 2, rel=0.05)
+    assert metrics["dp/epsilon"] == pytest.approx(epsilon_for(1.0, 0.2, 1, 1e-5))
+    plain = Aggregator(load_config("configs/tiny.yaml", ["clients.num=10"]), torch.zeros(n))
+    assert plain.aggregate(0, [], []) == {"bytes_up": 0.0, "lora/upload_params": 0.0, "bytes_down": 0.0}
+    assert torch.equal(plain.global_params(), torch.zeros(n))
+
+
 def test_client_dp_without_noise_and_with_a_huge_clip_is_uniform_fedavg():
     cfg = privacy_cfg(client_dp=dict(enabled=True, noise_multiplier=0.0, clip=1e9))
+    cfg.clients.per_round = 3
     chain = build_postprocessors(cfg)
     gen = torch.Generator().manual_seed(1)
     deltas = [torch.randn(1000, generator=gen) for _ in range(3)]
@@ -414,6 +453,20 @@ def test_run_with_client_dp_logs_epsilon_every_round(ray_local, tiny_cfg):
     assert eps[0] < eps[1] < eps[2] and eps[2] == pytest.approx(float(p["dp/planned_epsilon"]))
     assert eps[1] == pytest.approx(epsilon_for(1.0, 1.0, 2, 1e-5))
     assert [m.step for m in client.get_metric_history(r.info.run_id, "client/0/dp/clipped")] == [0, 1, 2]
+
+
+def test_a_run_with_poisson_client_sampling_accounts_every_round_even_an_empty_one(ray_local, tiny_cfg):
+    over = ["clients.num=6", "clients.per_round=1", "clients.sampling=poisson", "train.rounds=3",
+            "privacy.client_dp.enabled=true", "privacy.client_dp.noise_multiplier=1.0", "privacy.client_dp.clip=0.5"]
+    cfg = tiny_cfg(*over)
+    drawn = [sample_clients(cfg, r) for r in range(3)]
+    assert [] in drawn and any(len(d) > 1 for d in drawn), drawn  # this seed has an empty and a crowded round
+    summary = run(cfg, **QUIET)
+    assert summary["complete"]
+    history = load_checkpoint(Path(summary["run_dir"]))["history"]
+    assert [h["clients_sampled"] for h in history] == [len(d) for d in drawn]
+    assert [h["dp/epsilon"] for h in history] == pytest.approx([epsilon_for(1.0, 1 / 6, r + 1, 1e-5) for r in range(3)])
+    assert all(h["update_norm"] > 0 for h in history)  # noise even where no one trained
 
 
 def test_run_with_sample_dp_and_dp_lora_logs_client_epsilons(ray_local, tiny_cfg):

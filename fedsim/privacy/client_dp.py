@@ -3,7 +3,10 @@ models", 2018) as a postprocessor.
 
 - Client hook: clip the client's delta to L2 norm `clip` (C) and set its aggregation weight to 1.
 - Server hook: the strategy's uniform mean over the m sampled clients gets N(0, (z C / m)^2) noise
-  per entry, and the accountant records one subsampled Gaussian step with q = m / N.
+  per entry, and the accountant records one subsampled Gaussian step with q = m / N. A round with
+  no client (Poisson sampling) still gets its noise and its accountant step: the aggregator hands
+  the strategy a zero update (`noise_every_round`), since an un-noised round would tell that no one
+  took part.
 
 What is protected is a whole client (all of its data, add/remove adjacency): its contribution to
 the sum of clipped updates is at most C, so the mean over m moves by at most C / m, the
@@ -11,30 +14,24 @@ sensitivity the noise is scaled to. That bound holds only for a *uniform* mean: 
 mean would let a client with many rows move the model by up to C * n_k / sum(n), and the weights
 themselves would reveal the clients' data sizes. Hence weight 1 for every client.
 
-m is the number of clients *sampled* this round, not the number that reported: the denominator
-must not depend on the data (nor on who dropped out), so when clients drop the strategy's mean
-over the r reporting clients is rescaled by r / m (the fixed-denominator estimator) before the
-noise is added. Accounting treats the client sampling as Poisson with rate q = m / N, as is usual;
-fedsim samples a fixed number m of clients per round, for which this is the standard
-approximation (exact when every client is sampled, q = 1).
+m is the configured number of clients per round (`clients.per_round`), not the number that
+reported, nor, with `clients.sampling: poisson`, the number drawn: the denominator must not depend
+on the data (nor on who took part or dropped out), so the strategy's mean over the r reporting
+clients is rescaled by r / m (the fixed-denominator estimator of McMahan et al.) before the noise is
+added. The accountant assumes Poisson sampling with rate q = m / N: exact with `clients.sampling:
+poisson` (or q = 1), the usual approximation for the default fixed-size sampling without replacement.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
+from fedsim.config import clients_per_round
 from fedsim.postprocessors import ClientContext, Postprocessor, RoundContext
 from fedsim.privacy import noise_seed
 from fedsim.privacy.accountant import calibrate_noise, epsilon_for, make_accountant
 
 NOISE_TAG = 0xC11E
-
-
-def clients_per_round(cfg) -> int:
-    """m as `fedsim.simulation.sample_clients` draws it (a count, or a fraction of clients.num)."""
-    k, n = cfg.clients.per_round, cfg.clients.num
-    return k if isinstance(k, int) else max(1, int(math.floor(k * n + 0.5)))
 
 
 def clip_to(v: torch.Tensor, clip: float) -> tuple[torch.Tensor, float]:
@@ -48,6 +45,7 @@ def clip_to(v: torch.Tensor, clip: float) -> tuple[torch.Tensor, float]:
 
 class ClientDP(Postprocessor):
     name = "client_dp"
+    noise_every_round = True
 
     def __init__(self, cfg):
         p = cfg.privacy.client_dp
@@ -56,7 +54,8 @@ class ClientDP(Postprocessor):
         self._noise_multiplier = p.noise_multiplier
         self.num_clients = cfg.clients.num
         self.rounds = cfg.train.rounds
-        self.sample_rate = clients_per_round(cfg) / cfg.clients.num
+        self.per_round = clients_per_round(cfg)
+        self.sample_rate = self.per_round / cfg.clients.num
         self.accountant = make_accountant(self.kind)
         self.generator = torch.Generator().manual_seed(noise_seed(cfg.train.seed, NOISE_TAG))
 
@@ -77,13 +76,13 @@ class ClientDP(Postprocessor):
         return clipped, 1.0, {"dp/clipped": float(norm > self.clip)}
 
     def on_server_aggregate(self, step: torch.Tensor, ctx: RoundContext):
-        m = ctx.num_sampled
+        m = self.per_round
         if ctx.num_reported != m:  # mean over the r reporters -> sum / m
             step = step * (ctx.num_reported / m)
         z = self.noise_multiplier
         std = z * self.clip / m
         noise = torch.normal(0.0, std, size=step.shape, generator=self.generator, dtype=torch.float32)
-        self.accountant.step(z, m / ctx.num_clients)
+        self.accountant.step(z, self.sample_rate)
         return step + noise.to(step.device, step.dtype), {"dp/epsilon": self.accountant.get_epsilon(self.delta),
                                                           "dp/noise_std": std}
 

@@ -267,7 +267,7 @@ class SecAgg(Postprocessor):
         p = cfg.privacy.secagg
         self.bits, self.scale_bits = p.bits, p.scale_bits
         self.seed = cfg.train.seed
-        from fedsim.privacy.client_dp import clients_per_round
+        from fedsim.config import clients_per_round
 
         self.per_round = clients_per_round(cfg)
 

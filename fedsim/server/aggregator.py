@@ -49,6 +49,9 @@ class Aggregator:
         # Hooks on the list of updates first (secure aggregation opens the masked sum here), then
         # the strategy, whose aggregated step passes through the step hooks (`finish`).
         updates, update_metrics = run_update_hooks(self.postprocessors, updates, ctx) if updates else (updates, {})
+        if not updates and any(p.noise_every_round for p in self.postprocessors):
+            # No one reported (e.g. Poisson sampling drew no client): the noise is still released.
+            updates = [Update(-1, torch.zeros_like(self.strategy.global_params()), 0, 1.0, {})]
         finish = lambda step: run_server_hooks(self.postprocessors, step, ctx)  # noqa: E731
         metrics = self.strategy.aggregate(round, updates, finish) if updates else {}
         metrics.update(update_metrics)
