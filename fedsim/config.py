@@ -132,6 +132,10 @@ class PPLRConfig:
     # the client has learned since the shared init; with a shared init the adapters' cosine is
     # dominated by the common A and is ~1 for every pair, so `update` is what tells clients apart).
     similarity_on: Literal["adapter", "update"] = "adapter"
+    # Where the aggregator keeps each client's adapter (fedsim.server.table): `memory`, or `disk`
+    # (one file per client in the run directory; the aggregator holds only the sampled clients);
+    # `auto`: disk once the table would pass 1 GiB (about 580 SmolLM2 LoRA adapters).
+    table: Literal["auto", "memory", "disk"] = "auto"
 
 
 @dataclass

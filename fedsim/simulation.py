@@ -236,7 +236,8 @@ class Simulation:
         self.split_params = infos[0].get("split", {})  # memory held on the client vs the split server
         initial = ray.get(self.executors[0].initial_params.remote())
         # The aggregator is light bookkeeping; it takes no CPU slot so it never starves the clients.
-        self.aggregator = ray.remote(Aggregator).options(num_cpus=0).remote(self.cfg, initial, key_name)
+        self.aggregator = ray.remote(Aggregator).options(num_cpus=0).remote(self.cfg, initial, key_name,
+                                                                             str(self.run_dir.resolve()))
 
     def _stop_actors(self) -> None:
         for a in getattr(self, "executors", []) + [getattr(self, n, None) for n in ("aggregator", "split_server", "key_holder")]:
@@ -414,6 +415,7 @@ class Simulation:
                     "wall_seconds": wall_before + time.perf_counter() - t_start})
                 # The checkpoint covers round r now: the sampled clients' older store entries can go.
                 ClientStore(self.run_dir / "client_state").prune(sample_clients(cfg, r), r)
+                ray.get(self.aggregator.after_checkpoint.remote(r))
                 if self.on_round:
                     self.on_round(r, metrics)
             done = bool(history) and history[-1]["round"] == cfg.train.rounds - 1

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from fedsim.config import ConfigError, load_config
 from fedsim.server.pplr import PPLR
@@ -217,6 +218,49 @@ def test_state_dict_round_trip_gives_the_same_next_round():
     assert np.array_equal(a.last_sim, b.last_sim)
 
 
+def test_a_disk_table_gives_the_same_rounds_as_memory_and_resumes_from_its_checkpoint(tmp_path):
+    torch.manual_seed(7)
+    g = torch.randn(50)
+    rounds = [updates_for([torch.randn(50) for _ in ids], [0.5 + 0.1 * c for c in ids], clients=ids)
+              for ids in ([0, 1, 3], [1, 2, 3], [0, 4], [0, 1, 2, 3, 4])]
+    mem, disk = PPLR(), PPLR(table="disk", table_dir=tmp_path / "t")
+    for s in (mem, disk):
+        s.initialize(g, 5)
+    for r in range(2):
+        assert mem.aggregate(r, rounds[r]) == disk.aggregate(r, rounds[r])
+        disk.after_checkpoint(r)
+    state = disk.state_dict()
+    assert "theta" not in state and state["clients"] == [0, 1, 2, 3]  # no adapter in the checkpoint
+    disk.aggregate(2, rounds[2])  # ... and the run dies before round 2's checkpoint
+    resumed = PPLR(table="disk", table_dir=tmp_path / "t")
+    resumed.initialize(g, 5)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(resumed.params_for(c), mem.params_for(c)) for c in range(5))  # round 1's, not 2's
+    for r in (2, 3):
+        assert mem.aggregate(r, rounds[r]) == resumed.aggregate(r, rounds[r])
+        resumed.after_checkpoint(r)
+    assert all(torch.equal(resumed.params_for(c), mem.params_for(c)) for c in range(5))
+    assert torch.equal(resumed.global_params(), mem.global_params())
+    assert torch.allclose(mem.global_params(), torch.stack([mem.params_for(c) for c in range(5)]).mean(0), atol=1e-6)
+    # Once round 3's checkpoint is written, each client keeps one version on disk.
+    assert [len(list((tmp_path / "t" / f"client_{c:05d}").glob("r*.pt"))) for c in range(5)] == [1] * 5
+
+
+def test_table_auto_goes_to_disk_only_past_the_ram_limit(tmp_path, monkeypatch):
+    import fedsim.server.pplr as pplr
+
+    cfg = load_config("configs/tiny.yaml", ["strategy.name=pplr"])
+    small = make_strategy(cfg, tmp_path)
+    small.initialize(torch.zeros(100), 3)
+    assert type(small.theta).__name__ == "MemoryTable"
+    monkeypatch.setattr(pplr, "TABLE_RAM_LIMIT", 100 * 3 * 4 - 1)
+    big = make_strategy(cfg, tmp_path)
+    big.initialize(torch.zeros(100), 3)
+    assert type(big.theta).__name__ == "DiskTable"
+    with pytest.raises(ValueError, match="PPLR table 'disk' needs a directory"):
+        PPLR(table="disk")
+
+
 @pytest.mark.parametrize("losses, round, beta", [
     ([1e6, 0.0, -1e6], 0, 1.0),
     ([0.1, 100.0, 0.2], 50, 1.0),  # p of the low-loss clients underflows to 0 -> w = 1
@@ -308,3 +352,21 @@ def test_pplr_end_to_end_on_ray(ray_local, tiny_cfg):
     for a in range(3):
         for b in range(a + 1, 3):
             assert not torch.allclose(theta[a], theta[b])
+
+
+def test_pplr_with_its_table_on_disk_on_ray(ray_local, tiny_cfg):
+    from fedsim.client.state import ClientStore
+    from fedsim.simulation import load_checkpoint, run
+
+    summary = run(tiny_cfg("strategy.name=pplr", "strategy.pplr.table=disk", "tracking.enabled=false"),
+                  log=lambda *a: None)
+    assert summary["complete"]
+    run_dir = Path(summary["run_dir"])
+    state = load_checkpoint(run_dir)["strategy"]["strategy"]
+    assert "theta" not in state and state["clients"] == [0, 1, 2] and state["round"] == 1
+    store = ClientStore(run_dir / "strategy" / "pplr_table")
+    thetas = [store.load(c, 2)["theta"] for c in range(3)]
+    assert all(len(list(store.client_dir(c).glob("r*.pt"))) == 1 for c in range(3))  # pruned after the checkpoint
+    exported = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    assert torch.allclose(state["sum"].float() / 3, torch.stack(thetas).mean(0), atol=1e-6)
+    assert sum(t.numel() for t in exported.values()) == thetas[0].numel()

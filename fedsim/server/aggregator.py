@@ -1,6 +1,8 @@
 """The aggregator actor: owns the strategy's state and counts the bytes that cross the wire."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import ray
 import torch
 
@@ -15,9 +17,9 @@ wire_bytes = state_nbytes
 
 
 class Aggregator:
-    def __init__(self, cfg, initial_params: torch.Tensor, key_holder=None):
+    def __init__(self, cfg, initial_params: torch.Tensor, key_holder=None, run_dir: str | None = None):
         self.num_clients = cfg.clients.num
-        self.strategy = make_strategy(cfg)
+        self.strategy = make_strategy(cfg, Path(run_dir) / "strategy" if run_dir else None)
         self.strategy.initialize(initial_params, cfg.clients.num)
         self.postprocessors = build_postprocessors(cfg, key_holder=key_holder)
         self.bytes_down = 0
@@ -64,6 +66,10 @@ class Aggregator:
 
     def global_params(self) -> torch.Tensor:
         return self.strategy.global_params()
+
+    def after_checkpoint(self, round: int) -> None:
+        """The checkpoint covers `round`: state kept on disk for an interrupted round can go."""
+        self.strategy.after_checkpoint(round)
 
     def state_dict(self) -> dict:
         return {"strategy": self.strategy.state_dict(), "postprocessors": [p.state_dict() for p in self.postprocessors]}

@@ -29,7 +29,10 @@ Implementation choices (the public PPLR code differs on the first two):
 - Clients that did not report keep their last theta'; before its first report a client uses the
   shared initial adapter.
 - `global_params()` (the exported adapter) is the plain mean of all clients' current adapters,
-  including clients that never reported (still at the initial adapter).
+  including clients that never reported (still at the initial adapter), kept as a running float64
+  sum so it never reads the whole table.
+- The clients' adapters live in a table (`fedsim.server.table`): in RAM, or on disk in the run
+  directory for thousands of clients (`strategy.pplr.table`).
 
 Learning-speed control (`lr_rule`), applied when the loop asks for next round's learning rates:
     loss_gap: lr_i = base_lr * clip(1 + gamma * (L_i - mean(L)) / (std(L) + 1e-8), lr_min, lr_max)
@@ -45,8 +48,10 @@ import numpy as np
 import torch
 
 from fedsim.server.strategy import STRATEGIES, Finish, Strategy, Update, no_finish
+from fedsim.server.table import DiskTable, MemoryTable
 
 LOSS_CLIP = 1e12
+TABLE_RAM_LIMIT = 2**30  # bytes of adapters above which table: auto keeps them on disk
 
 
 def sanitize_losses(losses) -> np.ndarray:
@@ -103,7 +108,8 @@ class PPLR(Strategy):
 
     def __init__(self, alpha: float = 0.7, beta: float = 1.0, temperature: float = 0.05,
                  lr_rule: str = "loss_gap", lr_gamma: float = 0.5, lr_min_scale: float = 0.5,
-                 lr_max_scale: float = 2.0, similarity_on: str = "adapter"):
+                 lr_max_scale: float = 2.0, similarity_on: str = "adapter", table: str = "memory",
+                 table_dir: Path | None = None):
         if not (alpha > 0 and beta > 0 and temperature > 0):
             raise ValueError(f"PPLR needs alpha, beta, temperature > 0, got {alpha}, {beta}, {temperature}")
         if lr_rule not in ("none", "loss_gap"):
@@ -111,20 +117,30 @@ class PPLR(Strategy):
         if similarity_on not in ("adapter", "update"):
             raise ValueError(f"PPLR similarity_on {similarity_on!r} is not one of 'adapter', 'update'")
         self.similarity_on = similarity_on
+        if table not in ("auto", "memory", "disk"):
+            raise ValueError(f"PPLR table {table!r} is not one of 'auto', 'memory', 'disk'")
+        if table == "disk" and table_dir is None:
+            raise ValueError("PPLR table 'disk' needs a directory (the aggregator gives the run's)")
+        self.table_kind, self.table_dir = table, table_dir
         self.alpha, self.beta, self.temperature = alpha, beta, temperature
         self.lr_rule, self.lr_gamma = lr_rule, lr_gamma
         self.lr_min_scale, self.lr_max_scale = lr_min_scale, lr_max_scale
 
     @classmethod
-    def from_config(cls, cfg) -> "PPLR":
+    def from_config(cls, cfg, workdir: Path | None = None) -> "PPLR":
         p = cfg.strategy.pplr
+        table = p.table if workdir is not None else "memory"  # no run directory (a unit test): RAM
         return cls(p.alpha, p.beta, p.temperature, p.lr_rule, p.lr_gamma, p.lr_min_scale, p.lr_max_scale,
-                   p.similarity_on)
+                   p.similarity_on, table, Path(workdir) / "pplr_table" if workdir is not None else None)
 
     def initialize(self, params, num_clients):
         self.num_clients = num_clients
         self.initial = params.detach().float().clone()
-        self.theta: dict[int, torch.Tensor] = {}  # clients that reported at least once
+        disk = self.table_kind == "disk" or (self.table_kind == "auto" and self.table_dir is not None
+                                             and num_clients * self.initial.numel() * 4 > TABLE_RAM_LIMIT)
+        # Clients that reported at least once; the others are at `initial`.
+        self.theta = DiskTable(self.table_dir) if disk else MemoryTable()
+        self.sum = self.initial.double() * num_clients  # of every client's current adapter
         self.loss: dict[int, float] = {}  # each client's most recent train loss
         self.last_sim: np.ndarray | None = None
         self.last_sim_clients: list[int] = []
@@ -132,7 +148,8 @@ class PPLR(Strategy):
 
     def params_for(self, client):
         # The same tensor object for every client still at the start: the aggregator broadcasts it once.
-        return self.theta.get(client, self.initial)
+        t = self.theta.get(client)
+        return self.initial if t is None else t
 
     # -- learning speed --------------------------------------------------------------------------
 
@@ -175,7 +192,9 @@ class PPLR(Strategy):
             metrics[f"client/{c}/w"] = float(w[k])
             metrics[f"client/{c}/p"] = float(p[k])
             metrics[f"client/{c}/lr_scale"] = scales[c]
-        self.theta.update(new)
+        for k, c in enumerate(clients):
+            self.sum += new[c].double() - old[k].double()
+        self.theta.put(round, new)
         self.loss.update({c: float(x) for c, x in zip(clients, losses)})
         self.last_sim, self.last_sim_clients, self.last_sim_round = s, clients, round
 
@@ -188,10 +207,10 @@ class PPLR(Strategy):
         return metrics
 
     def global_params(self):
-        total = self.initial.double() * (self.num_clients - len(self.theta))
-        for t in self.theta.values():
-            total = total + t.double()
-        return (total / self.num_clients).float()
+        return (self.sum / self.num_clients).float()
+
+    def after_checkpoint(self, round: int) -> None:
+        self.theta.prune(round)
 
     # -- artifacts and checkpoints ---------------------------------------------------------------
 
@@ -237,7 +256,8 @@ class PPLR(Strategy):
         return {
             "num_clients": self.num_clients,
             "initial": self.initial.clone(),
-            "theta": {c: t.clone() for c, t in self.theta.items()},
+            **self.theta.state_dict(),  # memory: every adapter; disk: the round the files cover
+            "sum": self.sum.clone(),
             "loss": dict(self.loss),
             "last_sim": None if self.last_sim is None else self.last_sim.copy(),
             "last_sim_clients": list(self.last_sim_clients),
@@ -247,7 +267,12 @@ class PPLR(Strategy):
     def load_state_dict(self, state):
         self.num_clients = state["num_clients"]
         self.initial = state["initial"].clone()
-        self.theta = {int(c): t.clone() for c, t in state["theta"].items()}
+        self.theta.load_state_dict(state)
+        if "sum" in state:
+            self.sum = state["sum"].clone()
+        else:  # a checkpoint from before the running sum (always a memory table then)
+            rows = self.theta.rows
+            self.sum = self.initial.double() * (self.num_clients - len(rows)) + sum(t.double() for t in rows.values())
         self.loss = {int(c): float(v) for c, v in state["loss"].items()}
         self.last_sim = None if state["last_sim"] is None else np.array(state["last_sim"], dtype=np.float64)
         self.last_sim_clients = [int(c) for c in state["last_sim_clients"]]

@@ -7,6 +7,7 @@ deltas (trained adapter minus the adapter the client received), as flat float32 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -32,8 +33,9 @@ class Strategy:
     name = "base"
 
     @classmethod
-    def from_config(cls, cfg) -> "Strategy":
-        """Build the rule from the run's config (rules with settings read their `strategy.*` section)."""
+    def from_config(cls, cfg, workdir: Path | None = None) -> "Strategy":
+        """Build the rule from the run's config (rules with settings read their `strategy.*` section);
+        `workdir`: a directory the rule may keep state in (the run directory's), or None."""
         return cls()
 
     def initialize(self, params: torch.Tensor, num_clients: int) -> None:
@@ -58,6 +60,9 @@ class Strategy:
     def global_params(self) -> torch.Tensor:
         """The model a user takes away at the end (for personalised rules, a consensus)."""
         raise NotImplementedError
+
+    def after_checkpoint(self, round: int) -> None:
+        """Called once a checkpoint covers `round` (rules keeping versioned state on disk prune it)."""
 
     def state_dict(self) -> dict:
         raise NotImplementedError
@@ -102,13 +107,13 @@ class FedAvg(Strategy):
 STRATEGIES = {cls.name: cls for cls in (FedAvg,)}
 
 
-def make_strategy(cfg) -> Strategy:
+def make_strategy(cfg, workdir: Path | None = None) -> Strategy:
     if getattr(cfg.strategy, "lora_mode", "separate") == "stack":
         # Stacking replaces the averaging rule (the config allows it only with strategy.name fedavg).
         from fedsim.server.flora import StackedLoRA
 
         return StackedLoRA.from_config(cfg)
-    return STRATEGIES[cfg.strategy.name].from_config(cfg)
+    return STRATEGIES[cfg.strategy.name].from_config(cfg, workdir)
 
 
 # Rules in their own modules subclass the classes above and add themselves to STRATEGIES when
