@@ -78,7 +78,12 @@ def executor_resources(cfg: Config) -> tuple[int, float, float]:
     pg = get_current_placement_group()
     if pg is not None:
         bundles = pg.bundle_specs[1:]
-        num_gpus = executor_gpus(cfg, bundles[0].get("GPU", 0) if bundles else 0)
+        # A bundle already holds one executor's share: `auto` takes it as it is (executor_gpus would
+        # read it as a GPU count and split it again among the executors).
+        if cfg.executors.num_gpus == "auto":
+            num_gpus = bundles[0].get("GPU", 0) if bundles else 0
+        else:
+            num_gpus = float(cfg.executors.num_gpus)
         short = [i for i, b in enumerate(bundles[:n]) if b.get("CPU", 0) + 1e-9 < cfg.executors.num_cpus
                  or b.get("GPU", 0) + 1e-9 < num_gpus]
         if len(bundles) < n or short:

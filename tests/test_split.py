@@ -99,6 +99,27 @@ def test_a_split_step_gives_the_loss_and_gradients_of_the_whole_model(tiny5, ser
     assert 0 < m["split/client_flop_share"] < 1
 
 
+def test_the_servers_dropout_masks_follow_the_clients_seed_not_the_order_of_requests(ray_local, tiny5):
+    from fedsim.server.split_server import SplitServer
+
+    cfg = _cfg("model.lora.dropout=0.5")
+    server = ray_local.remote(SplitServer).options(num_cpus=0.5).remote(to_dict(cfg), tiny5)
+    model, tok = _model(tiny5, cfg, _lora_values(tiny5, cfg))
+    client = SplitClient(model, cfg, server, key=0)
+    batch, _ = _batch(tok)
+    h = torch.randn(batch["input_ids"].shape[0], batch["input_ids"].shape[1], 64)
+    weights = [p.detach() for _, p in client.middle_lora]
+
+    def forward(seed):
+        return ray_local.get(server.forward.remote(0, h, batch["attention_mask"], weights, True, False,
+                                                   [False] * len(weights), seed))
+    first = forward(1)
+    forward(2)  # another executor's request in between
+    assert torch.equal(forward(1), first)
+    assert not torch.equal(forward(2), first)
+    ray_local.kill(server)
+
+
 def _lora_values(path, cfg):
     base, _ = load_base(path, "float32")
     n = sum(p.numel() for n, p in attach_lora(base, cfg.model.lora, 0).named_parameters() if "lora_" in n)

@@ -163,3 +163,61 @@ def test_sweep_under_tune_nested_mlflow_runs_and_resume(ray_local, tmp_path):
             assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == [0, 1], (t, key)
     for t in finished_first:  # finished before the interruption: not run again
         assert by_trial[t].info.run_id == before[t]["mlflow_run_id"]
+
+
+def test_trial_rows_hold_every_sweep_metric_so_a_sweep_ranks_on_logloss(tmp_path):
+    """trial_row copies every sweep.METRICS key (not only the AUCs), so `finish` ranks on logloss."""
+    from fedsim.config import to_dict
+    from fedsim.simulation import save_checkpoint
+    from fedsim.tuning.report import finish, trial_row
+
+    class Parent:  # what `finish` uses of the MLflow parent run
+        run_id, metrics = None, {}
+
+        def log_metrics(self, metrics, step):
+            self.metrics.update(metrics)
+
+        def log_artifact(self, path):
+            pass
+
+    path = write_sweep(tmp_path, grid={"train.lr": [1e-3, 1e-2]}, metric="logloss", mode="min")
+    rows = []
+    for t, loss in zip(expand(parse_sweep(path), path), (0.5, 0.4)):
+        run_dir = tmp_path / f"trial_{t.index}"
+        run_dir.mkdir()
+        save_checkpoint(run_dir, {"round": 0, "history": [{"round": 0, "auc": 0.7, "logloss": loss, "bytes_up": 8.0}],
+                                  "wall_seconds": 3.0, "mlflow_run_id": None})
+        (run_dir / "summary.json").write_text('{"complete": true, "wall_seconds": 4.0}')
+        spec = {"trial": t.index, "params": t.params, "config": to_dict(t.cfg), "run_dir": str(run_dir)}
+        rows.append(trial_row(spec, None, interrupted=False))
+    assert [r["logloss"] for r in rows] == [0.5, 0.4] and math.isnan(rows[0]["auc_std"])  # absent: NaN
+    assert all(r["status"] == "FINISHED" and r["wall_seconds"] == 4.0 for r in rows)
+    parent = Parent()
+    state = {"name": "t", "keys": ["train.lr"], "metric": "logloss", "mode": "min", "tracking": {"uri": "-"}}
+    finish(state, rows, tmp_path, parent, log=lambda *a: None)
+    assert parent.metrics["best_logloss"] == 0.4
+
+
+def test_record_level_epsilon_is_the_largest_over_every_round():
+    """A client logs its sample_epsilon only in rounds it was sampled: the last round alone misses it."""
+    from fedsim.tuning.report import epsilon_spent
+
+    cfg = {"privacy": {"client_dp": {"enabled": False}, "sample_dp": {"enabled": True}}}
+    history = [{"round": 0, "client/0/dp/sample_epsilon": 1.0, "client/1/dp/sample_epsilon": 2.0},
+               {"round": 1, "client/0/dp/sample_epsilon": 1.5},
+               {"round": 2}]  # Poisson sampling drew no client
+    assert epsilon_spent(history, cfg) == 2.0
+    assert math.isnan(epsilon_spent([], cfg))
+
+
+def test_sweep_dirs_match_the_sweep_name_exactly(tmp_path):
+    """Sweep 'privacy' is not sweep 'privacy-clients', though both directories start with 'privacy-'."""
+    from fedsim.tuning.tune import sweep_dirs
+
+    for name in ("privacy-20240101-120000", "privacy-clients-20240102-120000", "privacy-20240103-120000"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "sweep.json").write_text("{}")
+    (tmp_path / "privacy-20240104-120000").mkdir()  # no sweep.json: not a sweep directory
+    assert [p.name for p in sweep_dirs(tmp_path, "privacy")] == ["privacy-20240101-120000", "privacy-20240103-120000"]
+    assert [p.name for p in sweep_dirs(tmp_path, "privacy-clients")] == ["privacy-clients-20240102-120000"]
+    assert sweep_dirs(tmp_path / "missing", "privacy") == []

@@ -26,13 +26,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from fedsim.client.state import ClientStore, flat_to_opt_state, opt_state_to_flat
 from fedsim.config import config_from_dict
 from fedsim.data.prompt import render_prompt
 from fedsim.models.fused import FusedLoRA, StackedAdamW, chunks
-from fedsim.models.loader import load_base
+from fedsim.models.loader import load_base, quiet_transformers
 from fedsim.models.lora import (attach_lora, export_state, freeze_lora_A, get_flat, local_params, lora_modules,
                                 set_flat, shared_params, split_dense, trainable)
 from fedsim.models.scoring import answer_token_ids, encode, p_yes, preference_loss, yes_no_logits
@@ -79,7 +78,7 @@ class LocalRun:
     client: int
     round: int
     lr: float
-    t0: float
+    setup_seconds: float  # in _begin_local: rows, adapter, optimizer state
     rows: pd.DataFrame
     params: torch.Tensor  # what the server sent; the delta is measured from it
     opt: torch.optim.AdamW
@@ -89,17 +88,6 @@ class LocalRun:
     state: dict  # what privacy accountants and client hooks keep per client across rounds
     used: set = field(default_factory=set)  # rows trained on: the members a privacy audit attacks
     tokens: torch.Tensor | int = 0  # non-padding tokens trained on
-
-
-def quiet_transformers() -> None:
-    # Per-actor weight-loading bars would interleave with the run's own progress lines.
-    import warnings
-
-    from transformers.utils import logging
-
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-    logging.disable_progress_bar()
-    logging.set_verbosity_error()
 
 
 class ClientExecutor:
@@ -116,21 +104,20 @@ class ClientExecutor:
         self.mode = self.cfg.strategy.lora_mode
         if self.mode == "ffa":
             freeze_lora_A(self.model)
-        self.params = trainable(self.model)  # what the optimizer trains
-        shared, local = shared_params(self.model, self.mode), local_params(self.model, self.mode)
-        self.shared = [p for _, p in shared]  # what is received and uploaded
-        self.local = [p for _, p in local]  # trained, never uploaded (fedsa: B)
-        self.initial = get_flat(self.params)  # the shared-seed init every executor starts from
-        self.initial_local = get_flat(self.local) if self.local else None
         self.split = None
         if self.cfg.storage.mode == "split":  # PPLR flexible storage: the middle layers run on `split_server`
             from fedsim.models.split import SplitClient
 
             self.split = SplitClient(self.model, self.cfg, split_server, executor_id)
             shared, local = self.split.shared, self.split.local  # middle-layer LoRA shared, client-side private
-            self.shared, self.local = [p for _, p in shared], [p for _, p in local]
-            self.params = self.shared + self.local
-            self.initial, self.initial_local = get_flat(self.params), get_flat(self.local)
+            self.params = [p for _, p in shared] + [p for _, p in local]
+        else:
+            shared, local = shared_params(self.model, self.mode), local_params(self.model, self.mode)
+            self.params = trainable(self.model)  # what the optimizer trains
+        self.shared = [p for _, p in shared]  # what is received and uploaded
+        self.local = [p for _, p in local]  # trained, never uploaded (fedsa: B; split: client-side layers)
+        self.initial = get_flat(self.params)  # the shared-seed init every executor starts from
+        self.initial_local = get_flat(self.local) if self.local else None
         if self.mode == "stack":
             self.modules = lora_modules(self.model)
             self.base_layers = [self.model.get_submodule(m.name).base_layer for m in self.modules]
@@ -168,15 +155,15 @@ class ClientExecutor:
             layer.weight.copy_((w0.float() + d.to(w0.device)).to(w0.dtype))
         self.merged_version = payload["version"]
 
-    def _load_params(self, client: int, params, before_round: int) -> torch.Tensor:
-        """Put what the server sent (and, for fedsa, the client's own B) into the model; returns the
-        shared vector the upload is measured from."""
+    def _load_params(self, params, saved: dict | None) -> torch.Tensor:
+        """Put what the server sent (and the client's own local part from its store entry `saved`:
+        fedsa's B, split's client-side layers) into the model; returns the shared vector the upload
+        is measured from."""
         if self.mode == "stack":
             self.merge(params)
             params = self.initial  # a fresh LoRA on top of the merged base
         set_flat(self.shared, params)
         if self.local:
-            saved = self.store.load(client, before_round)
             set_flat(self.local, saved["local"] if saved and "local" in saved else self.initial_local)
         return params
 
@@ -206,18 +193,18 @@ class ClientExecutor:
         rows = self._rows(client, "train")
         if len(rows) == 0:
             raise ValueError(f"client {client} has no train rows in {shard_path(self.run_dir, client)}")
-        params = self._load_params(client, params, round)
+        saved = self.store.load(client, round)
+        params = self._load_params(params, saved)
         if self.split is not None:
             self.split.reset()  # this client's activation traffic and FLOPs, reported in _end_local
         opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=t.weight_decay)
-        saved = self.store.load(client, round)
         if saved is not None and self.mode != "stack":  # stack: a fresh LoRA, a fresh optimizer
             # Only the moments come back: lr (which the aggregator may change per client) stays as built.
             flat_to_opt_state(opt, saved["opt"])
         seed = client_seed(t.seed, client, round)
         torch.manual_seed(seed)
         steps = t.local_steps or max(1, math.ceil(t.local_epochs * len(rows) / t.batch_size))
-        return LocalRun(client, round, lr, t0, rows, params, opt, saved, np.random.default_rng(seed), steps,
+        return LocalRun(client, round, lr, time.perf_counter() - t0, rows, params, opt, saved, np.random.default_rng(seed), steps,
                         (saved or {}).get("privacy", {}))
 
     def _take(self, run: LocalRun, idx) -> pd.DataFrame:
@@ -245,6 +232,7 @@ class ClientExecutor:
                    sampled: list[int], step_seconds: float) -> tuple[dict, torch.Tensor]:
         """Everything after a client's last local step (its trained adapter is in the model): the
         delta through the client-side postprocessors, the client's store entry, the metadata."""
+        t_end = time.perf_counter()
         delta = get_flat(self.shared) - run.params.float()
         ctx = ClientContext(run.client, run.round, seen, len(sampled), self.cfg.clients.num, run.state, list(sampled))
         delta, weight, post_metrics = run_client_hooks(self.postprocessors, delta, weight, ctx)
@@ -255,7 +243,8 @@ class ClientExecutor:
         self.store.save(run.client, run.round, saved)
         meta = {"client": run.client, "executor": self.executor_id, "num_samples": seen, "weight": weight,
                 "steps": run.steps, "lr": run.lr, "loss": float(np.mean(losses)) if losses else float("nan"),
-                "seconds": time.perf_counter() - run.t0,
+                # This client's own time (fused: its share of the loop, not the whole group's).
+                "seconds": run.setup_seconds + step_seconds + time.perf_counter() - t_end,
                 "metrics": {**dp_metrics, **post_metrics, **(self.split.take_metrics() if self.split else {})},
                 # for throughput and overhead figures (fedsim bench): time in the local-training loop,
                 # tokens trained on, this process's peak memory
@@ -301,8 +290,6 @@ class ClientExecutor:
         (meta, delta) `train` would, flat as [meta_0, delta_0, meta_1, delta_1, ...] so that Ray
         hands each out as its own object (`num_returns=2 * len(clients)`). `params` are the
         received adapters, one per client, as separate arguments so Ray resolves their refs."""
-        if self.sample_dp is not None:
-            raise ValueError("executors.fused cannot run privacy.sample_dp (per-sample clipping is per client)")
         if not (len(clients) == len(lrs) == len(params)):
             raise ValueError(f"train_many: {len(clients)} clients, {len(lrs)} lrs, {len(params)} adapters")
         group = FusedLoRA(self.model, len(clients), self.params)
@@ -353,7 +340,7 @@ class ClientExecutor:
 
     @torch.no_grad()
     def evaluate(self, client: int, params: torch.Tensor, split: str) -> dict:
-        self._load_params(client, params, LATEST)
+        self._load_params(params, self.store.load(client, LATEST) if self.local else None)
         rows = self._rows(client, split)
         probs = []
         bs = self.cfg.eval.batch_size
@@ -372,8 +359,8 @@ class ClientExecutor:
         the same users and the same time span as the members, so a model that learned nothing scores
         0.5. (Valid / test rows come later in time and differ in distribution; they are used only
         when a client trained on every train row it has.)"""
-        self._load_params(client, params, LATEST)
         saved = self.store.load(client, LATEST) or {}
+        self._load_params(params, saved)
         train = self._rows(client, "train")
         used = saved.get("members", np.zeros(0, dtype=np.int64))
         members = train.iloc[used]
@@ -391,7 +378,7 @@ class ClientExecutor:
                 part = df.iloc[i:i + self.cfg.eval.batch_size]
                 logits = self._forward(self._batch(part))
                 labels = torch.tensor(part["label"].to_numpy(), device=logits.device)
-                losses.append(F.cross_entropy(logits, (1 - labels).long(), reduction="none").cpu().numpy())
+                losses.append(preference_loss(logits, labels, reduction="none").cpu().numpy())
             out[name] = np.concatenate(losses) if losses else np.zeros(0)
         return out
 

@@ -36,7 +36,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from fedsim.models.lora import get_flat, set_flat
+from fedsim.models.lora import get_flat, lora_layers, set_flat
 
 class Route:
     """Which client slot each row of the current batch belongs to (rows are in slot order)."""
@@ -100,8 +100,7 @@ class FusedLoRALinear(torch.nn.Module):
 
 
 def _lora_layers(model) -> list[tuple[str, torch.nn.Module]]:
-    out = [(n, m) for n, m in model.named_modules()
-           if hasattr(m, "lora_A") and hasattr(m, "base_layer") and "default" in m.lora_A]
+    out = lora_layers(model)
     if not out:
         raise ValueError("fused training: the model has no LoRA layers")
     return out

@@ -148,3 +148,14 @@ def load_base(path: str, dtype: str = "auto"):
         tok.pad_token = tok.eos_token
     # Move before peft wraps it, so adapters are created on the same device (Opacus needs that).
     return model.to(device).eval(), tok
+
+
+def quiet_transformers() -> None:
+    # Per-actor weight-loading bars would interleave with the run's own progress lines.
+    import warnings
+
+    from transformers.utils import logging
+
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()

@@ -146,6 +146,12 @@ class LoraModule:
         return self.d_out * self.d_in
 
 
+def lora_layers(model) -> list[tuple[str, torch.nn.Module]]:
+    """(name, module) of every peft LoRA layer with the default adapter, in module order."""
+    return [(n, m) for n, m in model.named_modules()
+            if hasattr(m, "lora_A") and hasattr(m, "base_layer") and "default" in m.lora_A]
+
+
 def lora_modules(model) -> list[LoraModule]:
     """The geometry of every LoRA layer, for a model whose trainable parameters are exactly the A and
     B blocks (offsets are into `get_flat(trainable(model))`)."""
@@ -154,9 +160,7 @@ def lora_modules(model) -> list[LoraModule]:
         offsets[name] = i
         i += k
     out = []
-    for name, module in model.named_modules():
-        if not (hasattr(module, "lora_A") and hasattr(module, "base_layer") and "default" in module.lora_A):
-            continue
+    for name, module in lora_layers(model):
         a_name, b_name = f"{name}.lora_A.default.weight", f"{name}.lora_B.default.weight"
         if a_name not in offsets or b_name not in offsets:
             raise ValueError(f"LoRA layer {name}: its A and B must both be trainable to stack them")

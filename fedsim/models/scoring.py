@@ -35,14 +35,14 @@ def encode(tokenizer, prompts: list[str], max_length: int, device) -> dict[str, 
             "last": last.to(device)}
 
 
-def _causal_lm(model):
+def causal_lm(model):
     # peft wraps the causal LM; the LoRA layers are injected into it in place.
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def yes_no_logits(model, batch: dict, yes_id: int, no_id: int) -> torch.Tensor:
     """(B, 2) logits of [Yes, No] at each row's answer position."""
-    lm = _causal_lm(model)
+    lm = causal_lm(model)
     hidden = lm.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
     return answer_logits(lm, hidden, batch["last"], yes_id, no_id)
 

@@ -30,8 +30,10 @@ import ray
 import torch
 from torch import nn
 
+from fedsim.client.state import state_nbytes
 from fedsim.config import ConfigError
-from fedsim.models.scoring import answer_logits
+from fedsim.models.lora import export_state, set_flat
+from fedsim.models.scoring import answer_logits, causal_lm
 
 PARTS = ("embed_tokens", "layers", "norm", "rotary_emb")
 
@@ -143,10 +145,6 @@ def param_count(params) -> tuple[int, int]:
     return n, b
 
 
-def tensor_bytes(*tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-
 def layer_flops(layer, config, batch: int, seq: int, backward: bool) -> float:
     """Matmul FLOPs of one decoder layer on batch x seq tokens. Forward: 2 d_in d_out per token per
     linear (frozen base and LoRA factors), 4 T n_heads head_dim per token for attention (QK^T and
@@ -198,7 +196,7 @@ class SplitClient:
 
     def __init__(self, model, cfg, server, key: int):
         """`server`: the split server actor, or its name; `key`: this executor's id."""
-        self.lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.lm = causal_lm(model)
         self.inner = decoder_of(self.lm, cfg.model.name)
         self.server = ray.get_actor(server) if isinstance(server, str) else server
         self.key = key
@@ -272,12 +270,16 @@ class SplitClient:
         `send_backward` (one pending step per executor)."""
         h, mask, weights = h.detach().cpu(), mask.cpu(), [p.detach().cpu() for p in lora]
         need_lora = need_lora or [False] * len(weights)
+        # The middle layers' dropout masks, drawn on the server from this client's seeded generator,
+        # so they do not depend on the order the server serves executors in, nor on a restart.
+        seed = int(torch.randint(2**62, ())) if self.inner.training else None
         t0 = time.perf_counter()
-        out = ray.get(self.server.forward.remote(self.key, h, mask, weights, self.inner.training, need_h, need_lora))
+        out = ray.get(self.server.forward.remote(self.key, h, mask, weights, self.inner.training, need_h, need_lora,
+                                                 seed))
         self.counters["server_seconds"] += time.perf_counter() - t0
-        self.counters["act_bytes_to_server"] += tensor_bytes(h, mask)
-        self.counters["lora_bytes_to_server"] += tensor_bytes(*weights)
-        self.counters["act_bytes_to_client"] += tensor_bytes(out)
+        self.counters["act_bytes_to_server"] += state_nbytes([h, mask])
+        self.counters["lora_bytes_to_server"] += state_nbytes(weights)
+        self.counters["act_bytes_to_client"] += state_nbytes(out)
         return out.to(self.lm.device)
 
     def send_backward(self, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, list]:
@@ -287,9 +289,9 @@ class SplitClient:
         t0 = time.perf_counter()
         grad_h, grads = ray.get(self.server.backward.remote(self.key, g))
         self.counters["server_seconds"] += time.perf_counter() - t0
-        self.counters["act_bytes_to_server"] += tensor_bytes(g)
-        self.counters["act_bytes_to_client"] += tensor_bytes(grad_h)
-        self.counters["lora_bytes_to_client"] += tensor_bytes(*[x for x in grads if x is not None])
+        self.counters["act_bytes_to_server"] += state_nbytes(g)
+        self.counters["act_bytes_to_client"] += state_nbytes(grad_h)
+        self.counters["lora_bytes_to_client"] += state_nbytes(grads)
         dev = self.lm.device
         return (grad_h.to(dev) if grad_h is not None else None,
                 [x.to(dev) if x is not None else None for x in grads])
@@ -300,7 +302,5 @@ class SplitClient:
         """peft-format adapter of the whole model: the middle layers' LoRA from `shared_flat`, the
         client-side layers' from `local_flat` (the caller passes the shared init: the clients'
         own stay private)."""
-        from fedsim.models.lora import export_state, set_flat
-
         set_flat([p for _, p in self.shared], shared_flat)
         return export_state(model, local_flat, {key: p for key, (_, p) in zip(self.middle_keys, self.middle_lora)})

@@ -17,15 +17,13 @@ import torch
 from torch.func import functional_call
 
 from fedsim.config import config_from_dict, to_dict
-from fedsim.models.loader import load_base
+from fedsim.models.loader import load_base, quiet_transformers
 from fedsim.models.lora import attach_lora
 from fedsim.models.split import Middle, decoder_of, layer_lora, layer_ranges, param_count
 
 
 class SplitServer:
     def __init__(self, config: dict, model_path: str, num_threads: int = 1):
-        from fedsim.client.executor import quiet_transformers
-
         torch.set_num_threads(max(1, num_threads))
         quiet_transformers()
         cfg = config_from_dict(config)
@@ -46,8 +44,9 @@ class SplitServer:
         return {"split/server_params": n, "split/server_param_bytes": b, "split/server_device": str(self.device)}
 
     def forward(self, key: int, h: torch.Tensor, mask: torch.Tensor, weights: list[torch.Tensor], train: bool,
-                need_h: bool, need_lora: list[bool]) -> torch.Tensor:
-        """h_{L-1} = middle(h_k) with these LoRA weights (in `layer_lora` order)."""
+                need_h: bool, need_lora: list[bool], seed: int | None = None) -> torch.Tensor:
+        """h_{L-1} = middle(h_k) with these LoRA weights (in `layer_lora` order); `seed`: the
+        dropout masks' (training), from the client's generator."""
         if len(weights) != len(self.names):
             raise ValueError(f"split server: got {len(weights)} LoRA tensors, the middle layers have {len(self.names)}")
         self.pending.pop(key, None)
@@ -55,7 +54,10 @@ class SplitServer:
         h = h.to(self.device).requires_grad_(need_h)
         weights = [w.to(self.device).requires_grad_(n) for w, n in zip(weights, need_lora)]
         self.middle.train(train)
-        with torch.set_grad_enabled(keep):
+        cuda = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda), torch.set_grad_enabled(keep):
+            if seed is not None:
+                torch.manual_seed(seed)
             out = functional_call(self.middle, dict(zip(self.names, weights)), (h, mask.to(self.device)))
         if keep:
             self.pending[key] = (out, [h, *weights], [need_h, *need_lora])

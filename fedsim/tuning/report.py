@@ -12,18 +12,22 @@ import pandas as pd
 
 from fedsim.report import fmt_seconds
 from fedsim.simulation import load_checkpoint
-from fedsim.tuning.sweep import EPSILON_KEYS
+from fedsim.tuning.sweep import EPSILON_KEYS, METRICS
 
 NAN = float("nan")
 
 
-def epsilon_spent(row: dict, cfg: dict) -> float:
+def epsilon_spent(history: list[dict], cfg: dict) -> float:
     """The run's privacy loss: client-level epsilon, else the largest client's record-level one;
     inf without DP."""
     if cfg["privacy"]["client_dp"]["enabled"]:
-        return float(row.get("dp/epsilon", NAN))
+        # The aggregator logs it every round, also one where Poisson sampling drew no client (the
+        # noise is still released, ClientDP.noise_every_round), and it only grows: the last round's.
+        return float(history[-1].get("dp/epsilon", NAN)) if history else NAN
     if cfg["privacy"]["sample_dp"]["enabled"]:
-        eps = [v for k, v in row.items() if k.endswith("/dp/sample_epsilon")]
+        # A client logs its epsilon only in rounds it was sampled, and each client's only grows: the
+        # max over every round, not the last round alone (which misses clients not sampled then).
+        eps = [v for row in history for k, v in row.items() if k.endswith("/dp/sample_epsilon")]
         return float(max(eps)) if eps else NAN
     return math.inf
 
@@ -32,21 +36,23 @@ def trial_row(spec: dict, result, interrupted: bool) -> dict:
     """What one trial did, from its fedsim checkpoint (present once a round finished)."""
     cfg, run_dir = spec["config"], Path(spec["run_dir"])
     row = {"trial": spec["trial"], **{k: v for k, v in spec["params"].items() if k != "train.seed"},
-           "seed": cfg["train"]["seed"], "auc": NAN, "auc_gap": NAN, "auc_min": NAN, "auc_max": NAN,
-           "epsilon": epsilon_spent({}, cfg), "bytes_up": 0.0, "bytes_down": 0.0, "wall_seconds": NAN,
+           # Every metric a sweep may rank on (sweep.METRICS), so `finish` finds the sweep's metric.
+           "seed": cfg["train"]["seed"], **dict.fromkeys(METRICS, NAN),
+           "epsilon": epsilon_spent([], cfg), "bytes_up": 0.0, "bytes_down": 0.0, "wall_seconds": NAN,
            "rounds": 0, "status": "", "run_dir": str(run_dir), "mlflow_run_id": None}
     ckpt = load_checkpoint(run_dir) if run_dir.exists() else None
     if ckpt:
         history = ckpt["history"]
         evals = [h for h in history if "auc" in h]
         last = evals[-1] if evals else {}
-        row.update({k: last.get(k, NAN) for k in ("auc", "auc_gap", "auc_min", "auc_max")})
-        row.update(epsilon=epsilon_spent(history[-1], cfg), rounds=len(history), wall_seconds=ckpt["wall_seconds"],
+        row.update({k: last.get(k, NAN) for k in METRICS})
+        row.update(epsilon=epsilon_spent(history, cfg), rounds=len(history), wall_seconds=ckpt["wall_seconds"],
                    bytes_up=sum(h.get("bytes_up", 0) for h in history),
                    bytes_down=sum(h.get("bytes_down", 0) for h in history), mlflow_run_id=ckpt.get("mlflow_run_id"))
-        summary = run_dir / "summary.json"
-        if summary.exists() and json.loads(summary.read_text())["complete"]:
-            row["wall_seconds"] = json.loads(summary.read_text())["wall_seconds"]  # includes the final export
+        path = run_dir / "summary.json"
+        summary = json.loads(path.read_text()) if path.exists() else {}
+        if summary.get("complete"):
+            row["wall_seconds"] = summary["wall_seconds"]  # includes the final export
     if result is not None and result.error:
         row["status"] = "ERROR"
     elif row["rounds"] == cfg["train"]["rounds"]:

@@ -18,6 +18,7 @@ its storage path), and MLflow a server rather than a sqlite file.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import tempfile
 import time
@@ -31,11 +32,10 @@ from fedsim.config import ConfigError, config_from_dict, to_dict
 from fedsim.simulation import Simulation, executor_gpus, init_ray
 from fedsim.tracking import Tracker, resolve_uri, retry_locked
 from fedsim.tuning import report as sweep_report  # not fedsim.report, the single run's report
-from fedsim.tuning.sweep import Sweep, Trial, describe_point, expand, load_base, parse_sweep
+from fedsim.tuning.sweep import METRICS, Sweep, Trial, describe_point, expand, load_base, parse_sweep
 
 # What each trial reports to Tune once per round (the scheduler compares trials on `metric`).
-REPORTED = ("train_loss", "auc", "logloss", "accuracy", "auc_mean", "auc_std", "auc_min", "auc_max", "auc_gap",
-            "bytes_up", "round_seconds")
+REPORTED = (*METRICS, "bytes_up", "round_seconds")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,8 +145,16 @@ def _trial_name(trial) -> str:
 # The sweep
 
 
+def sweep_dir_name(name: str) -> str:
+    """`<name>-<timestamp>`, the shape sweep_dirs looks for."""
+    return f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
 def sweep_dirs(output_dir: Path, name: str) -> list[Path]:
-    return sorted(p for p in output_dir.glob(f"{name}-*") if (p / "sweep.json").exists())
+    """The directories of sweep `name`, oldest first. Only `<name>-<timestamp>` (as sweep_dir_name
+    makes them): a glob on `<name>-*` would take sweep "privacy-clients" for sweep "privacy"."""
+    pattern = re.escape(name) + r"-\d{8}-\d{6}"
+    return sorted(p for p in output_dir.glob("*") if re.fullmatch(pattern, p.name) and (p / "sweep.json").exists())
 
 
 def _find_resume_dir(sweep_path: str, resume) -> Path:
@@ -170,7 +178,7 @@ def _new_state(sweep: Sweep, trials: list[Trial], sweep_path: str, overrides: li
     uri = resolve_uri(tracking_uri, first.tracking.uri)
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"  # trials run in other directories
-    sweep_dir = Path(first.output_dir).resolve() / f"{sweep.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    sweep_dir = Path(first.output_dir).resolve() / sweep_dir_name(sweep.name)
     gpus = ray.cluster_resources().get("GPU", 0)
     rows = []
     for t in trials:
@@ -268,7 +276,8 @@ def _tidy_mlflow(parent: Tracker, rows: list[dict]) -> None:
     if not parent.run_id:
         return
     client = parent.client
-    exp = client.get_run(parent.run_id).info.experiment_id
+    # The parent run's own experiment; a read like the calls below, retried while sqlite is locked.
+    exp = retry_locked(client.get_run, parent.run_id).info.experiment_id
     nested = retry_locked(client.search_runs, [exp], f"tags.mlflow.parentRunId = '{parent.run_id}'", max_results=10000)
     keep = {r["mlflow_run_id"] for r in rows if r.get("mlflow_run_id")}
     stopped = {r["mlflow_run_id"] for r in rows if r["status"] in ("STOPPED", "INTERRUPTED")}
