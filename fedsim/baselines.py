@@ -1,13 +1,14 @@
 """Conventional recommenders fitted centrally on pooled training rows, as reference points."""
 
 import contextlib
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from fedsim.metrics import accuracy, auc, logloss
+from fedsim.metrics import accuracy, auc, auc_ci, logloss
 
 SMOOTHING = 5.0  # pseudo-counts pulling sparse users/items toward the global like-rate
 MF_DIM = 16
@@ -140,7 +141,24 @@ def baseline_scores(train: pd.DataFrame, evaluate: pd.DataFrame, seed: int = 0) 
     }
 
 
+def score_metrics(labels, scores: dict[str, np.ndarray], seed: int = 0) -> dict[str, dict[str, float]]:
+    """AUC (with its 95 % bootstrap interval), LogLoss and accuracy of each baseline's scores."""
+    out = {}
+    for name, s in scores.items():
+        low, high = auc_ci(labels, s, seed=seed)
+        out[name] = {"auc": auc(labels, s), "auc_ci_low": low, "auc_ci_high": high,
+                     "logloss": logloss(labels, s), "accuracy": accuracy(labels, s)}
+    return out
+
+
+def write_baseline_scores(path: Path, evaluate: pd.DataFrame, scores: dict[str, np.ndarray]) -> Path:
+    """Each evaluated row's key (user, item, timestamp), label and every baseline's score, so a run
+    can compare itself with the baselines row by row (a paired difference)."""
+    df = evaluate[["user", "item", "timestamp", "label"]].reset_index(drop=True)
+    df = df.assign(**{name: np.asarray(s, dtype=np.float64) for name, s in scores.items()})
+    df.to_parquet(path, index=False)
+    return Path(path)
+
+
 def evaluate_baselines(train: pd.DataFrame, evaluate: pd.DataFrame, seed: int = 0) -> dict[str, dict[str, float]]:
-    labels = evaluate["label"].to_numpy()
-    return {name: {"auc": auc(labels, s), "logloss": logloss(labels, s), "accuracy": accuracy(labels, s)}
-            for name, s in baseline_scores(train, evaluate, seed).items()}
+    return score_metrics(evaluate["label"].to_numpy(), baseline_scores(train, evaluate, seed), seed)

@@ -1,4 +1,4 @@
-"""`fedsim` command line: run, tune, data fetch, model fetch, baselines."""
+"""`fedsim` command line: run, tune, compare, data fetch, model fetch, baselines."""
 from __future__ import annotations
 
 import argparse
@@ -71,6 +71,7 @@ def cmd_model_fetch(a) -> int:
 def cmd_baselines(a) -> int:
     from fedsim.baselines import evaluate_baselines
     from fedsim.prepare import build_all_samples
+    from fedsim.report import fmt_interval
 
     cfg = load_config(a.config, a.set)
     samples, _ = build_all_samples(cfg)
@@ -80,7 +81,18 @@ def cmd_baselines(a) -> int:
         for name, m in evaluate_baselines(train, samples[samples["split"] == split], seed=cfg.train.seed).items():
             rows[f"{name} ({split})"] = m
     for name, m in rows.items():
-        print(f"{name:28s} AUC {m['auc']:.4f}  LogLoss {m['logloss']:.4f}  Acc {m['accuracy']:.4f}")
+        auc = fmt_interval(m["auc"], m["auc_ci_low"], m["auc_ci_high"])
+        print(f"{name:28s} AUC {auc}  LogLoss {m['logloss']:.4f}  Acc {m['accuracy']:.4f}")
+    return 0
+
+
+def cmd_compare(a) -> int:
+    from fedsim.compare import compare_runs, format_comparison
+
+    result = compare_runs(a.run_a, a.run_b, seed=a.seed, n_boot=a.boot)
+    print(format_comparison(result))
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, indent=1, default=float))
     return 0
 
 
@@ -140,6 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("config")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     b.set_defaults(fn=cmd_baselines)
+
+    c = sub.add_parser("compare", help="is run A better than run B? paired AUC difference on their shared rows")
+    c.add_argument("run_a", metavar="RUN_A", help="a finished run directory")
+    c.add_argument("run_b", metavar="RUN_B", help="another run directory, or baseline:<name> (that baseline in RUN_A)")
+    c.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    c.add_argument("--boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    c.add_argument("--json", metavar="PATH", help="also write the comparison here")
+    c.set_defaults(fn=cmd_compare)
 
     bench = bench_module()
     b = sub.add_parser("bench", help="training throughput: one actor per client vs pooled executors vs fused",

@@ -30,11 +30,24 @@ class SyntheticConfig:
     ratings_per_user: int = 40
     num_clusters: int = 4
     taste_strength: float = 2.0
+    # Clusters' like-tendency spans [-generosity, generosity] (null: [-0.25, 0.75]); large values
+    # make labels follow each user's own history (fedsim.data.synthetic).
+    generosity: Optional[float] = None
 
 
 @dataclass
 class DataConfig:
     dataset: Literal["movielens-100k", "synthetic"] = "movielens-100k"
+    # global: every rating with an earlier one, split by global time (most test users are new).
+    # tallrec: TALLRec's protocol (exactly history_len earlier ratings, the keep_last = 10,000 most
+    # recent samples, split 8:1:1 in time order), to compare with TALLRec's and APA's tables.
+    protocol: Literal["global", "tallrec"] = "global"
+    keep_last: Optional[int] = None  # keep only the most recent samples (tallrec: 10,000 when null)
+    # How an item is written in the prompt: title_year = "Toy Story (1995)" (TALLRec), title = bare.
+    item_text: Literal["title_year", "title"] = "title_year"
+    # The prompt template: {liked}, {disliked}, {target}; null = TALLRec's wording
+    # (fedsim.data.prompt). It must end where the answer starts ("Answer:").
+    prompt: Optional[str] = None
     history_len: int = 10
     like_threshold: float = 3.0
     split: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
@@ -60,6 +73,8 @@ class LoraConfig:
     alpha: int = 16
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    # Adapt only the last k decoder layers (null: every layer); cheaper steps, see fedsim.models.lora.
+    top_layers: Optional[int] = None
 
 
 @dataclass
@@ -112,6 +127,10 @@ class TrainConfig:
     local_epochs: Optional[float] = None
     batch_size: int = 4
     lr: float = 1e-3
+    # The lr over the run's local steps (fedsim.client.schedule): linear warm-up over the first
+    # `warmup` fraction, then constant, linear or cosine decay to 0 (warm-up + decay = one-cycle).
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup: float = 0.0
     weight_decay: float = 0.0
     seed: int = 0
 
@@ -375,6 +394,14 @@ def validate(cfg: Config) -> Config:
     """Range checks that the types alone cannot express."""
     d, t = cfg.data, cfg.train
     _check(d.history_len >= 1, "data.history_len", d.history_len, "must be >= 1")
+    _check(d.keep_last is None or d.keep_last >= 10, "data.keep_last", d.keep_last, "must be >= 10 or null")
+    if d.prompt is not None:
+        from fedsim.data.prompt import check_template
+
+        try:
+            check_template(d.prompt)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     _check(len(d.split) == 3 and all(x > 0 for x in d.split) and abs(sum(d.split) - 1) < 1e-6,
            "data.split", d.split, "must be three positive fractions (train, valid, test) summing to 1")
     for k in ("max_eval_rows", "max_train_per_client", "max_valid_per_client", "max_test_per_client"):
@@ -388,6 +415,8 @@ def validate(cfg: Config) -> Config:
     _check(m.max_length >= 16, "model.max_length", m.max_length, "must be >= 16")
     _check(m.lora.r >= 1, "model.lora.r", m.lora.r, "must be >= 1")
     _check(0 <= m.lora.dropout < 1, "model.lora.dropout", m.lora.dropout, "must be in [0, 1)")
+    _check(m.lora.top_layers is None or m.lora.top_layers >= 1, "model.lora.top_layers", m.lora.top_layers,
+           "must be >= 1 or null (every layer)")
     _check(len(m.lora.target_modules) > 0, "model.lora.target_modules", m.lora.target_modules, "must name at least one module")
     c = cfg.clients
     _check(c.num >= 1, "clients.num", c.num, "must be >= 1")
@@ -415,6 +444,7 @@ def validate(cfg: Config) -> Config:
     _check(t.local_epochs is None or t.local_epochs > 0, "train.local_epochs", t.local_epochs, "must be > 0")
     _check(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
     _check(t.lr > 0, "train.lr", t.lr, "must be > 0")
+    _check(0 <= t.warmup < 1, "train.warmup", t.warmup, "must be in [0, 1) (a fraction of the run's local steps)")
     _check(cfg.eval.every >= 1, "eval.every", cfg.eval.every, "must be >= 1")
     ec = cfg.eval.clients
     if isinstance(ec, float):

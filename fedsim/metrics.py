@@ -1,8 +1,17 @@
 """Binary classification metrics in plain numpy."""
 
+import math
+
 import numpy as np
 
 _EPS = 1e-7
+
+
+def _midranks(scores: np.ndarray) -> np.ndarray:
+    """1-based ranks; a tie group spanning ranks a..b gets (a + b) / 2."""
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    return (ends - (counts - 1) / 2.0)[inverse.ravel()]
 
 
 def auc(labels, scores) -> float:
@@ -13,11 +22,7 @@ def auc(labels, scores) -> float:
     n_neg = len(labels) - n_pos
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
-    # Ranks are 1-based: a tie group spanning ranks a..b gets (a + b) / 2.
-    ends = np.cumsum(counts)
-    avg_rank = ends - (counts - 1) / 2.0
-    rank_sum = avg_rank[inverse][labels].sum()
+    rank_sum = _midranks(scores)[labels].sum()
     return float((rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
@@ -35,3 +40,107 @@ def accuracy(labels, probs) -> float:
     if len(labels) == 0:
         return float("nan")
     return float(np.mean((probs >= 0.5) == labels))
+
+
+# ---------------------------------------------------------------------------------------------
+# Uncertainty: bootstrap intervals over rows, paired differences on shared rows
+
+# Resampled rows held at once: each (resamples x rows) int64 array is 8 MB, a few live at a time, so
+# 1000 resamples of 100k rows stay in tens of MB.
+_CHUNK_CELLS = 1_000_000
+
+
+def _score_groups(scores: np.ndarray) -> tuple[np.ndarray, int]:
+    """Each row's index among the distinct scores (ascending) and how many there are."""
+    _, group = np.unique(scores, return_inverse=True)
+    return group.ravel(), int(group.max()) + 1 if len(group) else 0
+
+
+def _boot_chunks(n: int, n_boot: int, seed: int):
+    """Resampled row indices, (chunk, n) at a time; one seeded stream, so a metric and its rival
+    scored with the same seed see the same resamples."""
+    rng = np.random.default_rng(seed)
+    per = max(1, _CHUNK_CELLS // max(n, 1))
+    for start in range(0, n_boot, per):
+        yield rng.integers(0, n, size=(min(per, n_boot - start), n))
+
+
+def _boot_auc(pos: np.ndarray, group: np.ndarray, k: int, idx: np.ndarray) -> np.ndarray:
+    """AUC of every resample (a row of idx) at once: count positives and negatives per distinct
+    score, then each positive beats the negatives below its score and ties half of those level
+    with it (the Mann-Whitney statistic). nan where a resample drew one class only."""
+    b = idx.shape[0]
+    g = group[idx] + k * np.arange(b)[:, None]
+    y = pos[idx]
+    p = np.bincount(g[y], minlength=b * k).reshape(b, k)
+    q = np.bincount(g[~y], minlength=b * k).reshape(b, k)
+    below = np.cumsum(q, axis=1) - q
+    wins = (p * below).sum(1) + 0.5 * (p * q).sum(1)
+    pairs = p.sum(1) * q.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(pairs > 0, wins / np.maximum(pairs, 1), np.nan)
+
+
+def _percentiles(values: np.ndarray, level: float) -> tuple[float, float]:
+    values = values[~np.isnan(values)]
+    if not len(values):
+        return float("nan"), float("nan")
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def auc_ci(labels, scores, seed: int = 0, n_boot: int = 1000, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the AUC: rows resampled with replacement, resamples that
+    drew one class skipped. (nan, nan) when the rows hold one class."""
+    pos = np.asarray(labels).astype(bool).ravel()
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    if pos.all() or not pos.any():
+        return float("nan"), float("nan")
+    group, k = _score_groups(scores)
+    boots = np.concatenate([_boot_auc(pos, group, k, idx) for idx in _boot_chunks(len(pos), n_boot, seed)])
+    return _percentiles(boots, level)
+
+
+def _delong_components(pos: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-positive and per-negative placement values (DeLong 1988): the share of the other class
+    each row beats, ties counting half; their means are the AUC."""
+    x, y = scores[pos], scores[~pos]
+    both = _midranks(np.r_[x, y])
+    v10 = (both[:len(x)] - _midranks(x)) / len(y)
+    v01 = 1.0 - (both[len(x):] - _midranks(y)) / len(x)
+    return v10, v01
+
+
+def delong_diff_se(labels, scores_a, scores_b) -> float:
+    """DeLong's standard error of AUC(a) - AUC(b) on the same rows (0 for identical scorers)."""
+    pos = np.asarray(labels).astype(bool).ravel()
+    a10, a01 = _delong_components(pos, np.asarray(scores_a, dtype=np.float64).ravel())
+    b10, b01 = _delong_components(pos, np.asarray(scores_b, dtype=np.float64).ravel())
+    d10, d01 = a10 - b10, a01 - b01
+    var = sum(np.var(d, ddof=1) / len(d) for d in (d10, d01) if len(d) > 1)
+    return float(np.sqrt(max(var, 0.0)))
+
+
+def paired_auc_diff(labels, scores_a, scores_b, seed: int = 0, n_boot: int = 1000,
+                    level: float = 0.95) -> dict[str, float]:
+    """AUC(a) - AUC(b) on the same rows, with a percentile bootstrap interval that resamples the
+    same rows for both (what a and b share cancels out, so it is narrower than two separate
+    intervals), and DeLong's standard error and two-sided p-value."""
+    pos = np.asarray(labels).astype(bool).ravel()
+    a = np.asarray(scores_a, dtype=np.float64).ravel()
+    b = np.asarray(scores_b, dtype=np.float64).ravel()
+    if not (len(pos) == len(a) == len(b)):
+        raise ValueError(f"paired_auc_diff needs one score per row: {len(pos)} labels, {len(a)} and {len(b)} scores")
+    diff = auc(pos, a) - auc(pos, b)
+    if pos.all() or not pos.any():
+        nan = float("nan")
+        return {"diff": nan, "low": nan, "high": nan, "se": nan, "p_value": nan, "rows": len(pos)}
+    ga, ka = _score_groups(a)
+    gb, kb = _score_groups(b)
+    boots = np.concatenate([_boot_auc(pos, ga, ka, idx) - _boot_auc(pos, gb, kb, idx)
+                            for idx in _boot_chunks(len(pos), n_boot, seed)])
+    low, high = _percentiles(boots, level)
+    se = delong_diff_se(pos, a, b)
+    p = math.erfc(abs(diff) / se / math.sqrt(2)) if se > 0 else float(diff == 0)
+    return {"diff": float(diff), "low": low, "high": high, "se": se, "p_value": float(p), "rows": len(pos)}

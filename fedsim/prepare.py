@@ -10,8 +10,8 @@ import pandas as pd
 
 from fedsim.data.movielens import load_movielens_100k
 from fedsim.data.partition import assign_shards, partition_users, shard_stats, write_shard_files
-from fedsim.data.prompt import INSTRUCTION
-from fedsim.data.samples import build_samples, user_embeddings
+from fedsim.data.prompt import EXTRA_WORDS, prompt_template
+from fedsim.data.samples import build_samples, item_texts, user_embeddings
 from fedsim.data.synthetic import make_synthetic
 from fedsim.models.loader import resolve_model
 
@@ -22,14 +22,16 @@ def load_ratings(cfg, log=print) -> tuple[pd.DataFrame, pd.DataFrame]:
         return load_movielens_100k(log=log)
     s = d.synthetic
     return make_synthetic(num_users=s.num_users, num_items=s.num_items, ratings_per_user=s.ratings_per_user,
-                          num_clusters=s.num_clusters, taste_strength=s.taste_strength, seed=cfg.train.seed)
+                          num_clusters=s.num_clusters, taste_strength=s.taste_strength, seed=cfg.train.seed,
+                          generosity=s.generosity)
 
 
 def build_all_samples(cfg, log=print) -> tuple[pd.DataFrame, pd.DataFrame]:
     ratings, items = load_ratings(cfg, log)
     d = cfg.data
     samples = build_samples(ratings, items, history_len=d.history_len, like_threshold=d.like_threshold,
-                            split=tuple(d.split))
+                            split=tuple(d.split), protocol=d.protocol, keep_last=d.keep_last,
+                            with_year=d.item_text == "title_year")
     return samples, items
 
 
@@ -82,7 +84,7 @@ def prepare(cfg, run_dir: Path, log=print) -> dict:
     info_path = run_dir / "prepared.json"
     if info_path.exists():
         return json.loads(info_path.read_text())
-    from fedsim.baselines import evaluate_baselines
+    from fedsim.baselines import baseline_scores, score_metrics, write_baseline_scores
 
     log(f"building samples from {cfg.data.dataset}")
     samples, items = build_all_samples(cfg, log)
@@ -104,9 +106,12 @@ def prepare(cfg, run_dir: Path, log=print) -> dict:
 
     log("scoring conventional baselines on the rows this run evaluates")
     evaluated = shards[shards["split"] == cfg.eval.split]
-    baselines = evaluate_baselines(samples[samples["split"] == "train"], evaluated, seed=cfg.train.seed)
+    scores = baseline_scores(samples[samples["split"] == "train"], evaluated, seed=cfg.train.seed)
+    # Per-row scores too: the end of the run pairs each baseline with the federated model row by row.
+    write_baseline_scores(run_dir / "baseline_scores.parquet", evaluated, scores)
+    baselines = score_metrics(evaluated["label"].to_numpy(), scores, seed=cfg.train.seed)
 
-    texts = [INSTRUCTION, 'Liked: Disliked: Target movie: "none" Answer: Yes No', *items["title"].astype(str)]
+    texts = [prompt_template(cfg), EXTRA_WORDS, *item_texts(items, d.item_text == "title_year")]
     model_path = resolve_model(cfg.model.name, run_dir, texts, seed=cfg.train.seed, log=log,
                                tiny_layers=cfg.model.tiny_layers)
     if cfg.storage.mode == "split":  # the layer range needs the model's depth: checked before any actor starts

@@ -46,6 +46,33 @@ class Progress:
 
 
 MAX_CLIENT_ROWS = 50  # per-client rows in the summary table; the rest are in summary.json
+NAN = float("nan")
+
+
+def fmt_interval(value: float, low: float = NAN, high: float = NAN) -> str:
+    """`0.7812 [0.752, 0.809]`; the bare value where there is no interval (older runs, one class)."""
+    return f"{value:.4f}" if low != low or high != high else f"{value:.4f} [{low:.3f}, {high:.3f}]"
+
+
+def fmt_auc(m: dict) -> str:
+    """A metrics dict's AUC with its interval (`auc`, `auc_ci_low`, `auc_ci_high`)."""
+    return fmt_interval(m.get("auc", NAN), m.get("auc_ci_low", NAN), m.get("auc_ci_high", NAN))
+
+
+def fmt_signed(x: float) -> str:
+    return f"{x:+.3f}".replace("-", "−")
+
+
+def fmt_diff(d: dict) -> str:
+    """A paired difference: `+0.012 [−0.015, +0.040] paired over 400 rows`."""
+    return f"{fmt_signed(d['diff'])} [{fmt_signed(d['low'])}, {fmt_signed(d['high'])}] paired over {d['rows']} rows"
+
+
+def verdict(d: dict, a: str, b: str) -> str:
+    """Which side a paired difference a - b favours: one only when its interval excludes 0."""
+    if d["low"] != d["low"]:
+        return "no verdict (the rows hold one class)"
+    return f"{a} better" if d["low"] > 0 else f"{b} better" if d["high"] < 0 else "within noise"
 
 
 def summary_table(summary: dict) -> str:
@@ -59,16 +86,18 @@ def summary_table(summary: dict) -> str:
     for col in ("AUC", "LogLoss", "Accuracy", "rows"):
         t.add_column(col, justify="right")
     f = summary["final"]
-    t.add_row(f"federated ({summary['strategy']})", f"{f.get('auc', float('nan')):.4f}",
+    t.add_row(f"federated ({summary['strategy']})", fmt_auc(f),
               f"{f.get('logloss', float('nan')):.4f}", f"{f.get('accuracy', float('nan')):.4f}", str(f.get("rows", "")))
     for name, m in summary.get("baselines", {}).items():
-        t.add_row(f"baseline: {name}", f"{m['auc']:.4f}", f"{m['logloss']:.4f}", f"{m['accuracy']:.4f}", "")
+        t.add_row(f"baseline: {name}", fmt_auc(m), f"{m['logloss']:.4f}", f"{m['accuracy']:.4f}", "")
     per_client = sorted(summary.get("clients_final", {}).items(), key=lambda kv: int(kv[0]))
     for c, m in per_client[:MAX_CLIENT_ROWS]:
         t.add_row(f"client {c}", f"{m['auc']:.4f}", f"{m['logloss']:.4f}", f"{m['accuracy']:.4f}", str(m["rows"]))
     if len(per_client) > MAX_CLIENT_ROWS:
         t.add_row(f"... {len(per_client) - MAX_CLIENT_ROWS} more clients (summary.json)", "", "", "", "")
     console.print(t)
+    paired = "".join(f"federated − {name}: {fmt_diff(d)} ({verdict(d, 'federated', 'baseline')})\n"
+                     for name, d in summary.get("paired_vs_baselines", {}).items())
     balance = (f"per-client AUC: std {f.get('auc_std', float('nan')):.4f}, min {f.get('auc_min', float('nan')):.4f}, "
                f"max {f.get('auc_max', float('nan')):.4f}, gap {f.get('auc_gap', float('nan')):.4f}")
     traffic = (f"traffic: {summary['bytes_up'] / 2**20:.1f} MiB up, {summary['bytes_down'] / 2**20:.1f} MiB down; "
@@ -78,7 +107,7 @@ def summary_table(summary: dict) -> str:
         audit = (f"privacy audit: membership-inference AUC {f['privacy/mia_auc']:.4f} (0.5 = members "
                  f"indistinguishable); loss members {f['privacy/member_loss']:.4f} vs held-out "
                  f"{f['privacy/nonmember_loss']:.4f}\n")
-    return console.export_text() + balance + "\n" + traffic + "\n" + audit
+    return console.export_text() + paired + balance + "\n" + traffic + "\n" + audit
 
 
 def plot_client_auc(history: list[dict], clients: int, path: Path) -> Path | None:
@@ -110,6 +139,44 @@ def plot_client_auc(history: list[dict], clients: int, path: Path) -> Path | Non
     ax2.axhline(last["auc"], color="black", ls="--", label=f"pooled {last['auc']:.3f}")
     ax2.set(xlabel="client", ylabel="AUC", title=f"final AUC per client (gap {last.get('auc_gap', np.nan):.3f})")
     ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_learning_curve(history: list[dict], baselines: dict, path: Path) -> Path | None:
+    """Pooled AUC (with its 95 % interval) against the training rows seen so far, the baselines as
+    dashed lines with their interval bands. None with fewer than two evaluations."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    seen = np.cumsum([h.get("train_samples", 0.0) for h in history])
+    points = [(x, h) for x, h in zip(seen, history) if "auc" in h]
+    if len(points) < 2:
+        return None
+    x = np.array([p[0] for p in points])
+    y = np.array([h["auc"] for _, h in points])
+    low = np.array([h.get("auc_ci_low", np.nan) for _, h in points])
+    high = np.array([h.get("auc_ci_high", np.nan) for _, h in points])
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    ax.fill_between(x, low, high, color="black", alpha=0.1, lw=0)
+    ax.errorbar(x, y, yerr=[y - low, high - y], color="black", marker="o", lw=2, capsize=4,
+                label="federated (pooled), 95 % interval")
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (name, m) in enumerate(baselines.items()):
+        c = colors[i % len(colors)]
+        ax.axhline(m["auc"], color=c, ls="--", lw=1.3, label=f"{name} {fmt_auc(m)}")
+        if m.get("auc_ci_low", NAN) == m.get("auc_ci_low", NAN):  # older runs' baselines have no interval
+            ax.axhspan(m["auc_ci_low"], m["auc_ci_high"], color=c, alpha=0.07, lw=0)
+    ax.set(xlabel="training rows seen (all clients, cumulative)", ylabel="test AUC",
+           title="learning curve: pooled AUC vs training rows")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -13,6 +13,7 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import ray
 import torch
 import yaml
@@ -22,10 +23,11 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from fedsim.client.executor import ClientExecutor
 from fedsim.client.state import ClientStore
 from fedsim.config import Config, clients_per_round, config_from_dict, count_of, flatten, save_config, to_dict
-from fedsim.metrics import accuracy, auc, logloss
+from fedsim.compare import KEY, paired_vs_baselines
+from fedsim.metrics import accuracy, auc, auc_ci, logloss
 from fedsim.postprocessors import describe
 from fedsim.prepare import prepare
-from fedsim.report import Progress, plot_client_auc, summary_table
+from fedsim.report import Progress, plot_client_auc, plot_learning_curve, summary_table
 from fedsim.server.aggregator import Aggregator
 from fedsim.server.split_server import start_split_server
 from fedsim.tracking import Tracker, resolve_uri
@@ -128,7 +130,8 @@ def eval_clients(cfg: Config) -> list[int]:
 # Metrics
 
 
-def eval_metrics(results: list[dict], num_clients: int) -> dict[str, float]:
+def eval_metrics(results: list[dict], num_clients: int, seed: int = 0) -> dict[str, float]:
+    """Per-client and pooled metrics; the pooled AUC with a 95 % bootstrap interval over rows."""
     out: dict[str, float] = {}
     per_client = []
     for r in results:
@@ -142,7 +145,9 @@ def eval_metrics(results: list[dict], num_clients: int) -> dict[str, float]:
             per_client.append(a)
     y = np.concatenate([r["labels"] for r in results])
     p = np.concatenate([r["probs"] for r in results])
-    out.update(auc=auc(y, p), logloss=logloss(y, p), accuracy=accuracy(y, p), rows=float(len(y)))
+    low, high = auc_ci(y, p, seed=seed)
+    out.update(auc=auc(y, p), auc_ci_low=low, auc_ci_high=high, logloss=logloss(y, p), accuracy=accuracy(y, p),
+               rows=float(len(y)))
     if per_client:
         out.update(auc_mean=float(np.mean(per_client)), auc_std=float(np.std(per_client)),
                    auc_min=float(np.min(per_client)), auc_max=float(np.max(per_client)),
@@ -163,6 +168,28 @@ def train_throughput(metas: list[dict]) -> dict[str, float]:
     return {"train_tokens": float(sum(m.get("tokens", 0) for m in metas)),
             "train_step_seconds": float(max(busy.values(), default=0.0)),
             "executors_peak_bytes": float(sum(peak.values()))}
+
+
+def write_predictions(run_dir: Path, results: list[dict]) -> Path:
+    """<run_dir>/predictions.parquet: the final model's probability for every evaluated row and each
+    conventional baseline's score for the same row (`baseline/<name>`), keyed by (user, item,
+    timestamp), so that runs and baselines can be compared row by row (a paired difference)."""
+    def cat(key):
+        return np.concatenate([r[key] for r in results])
+
+    df = pd.DataFrame({"user": cat("user"), "item": cat("item"), "timestamp": cat("timestamp"),
+                       "client": np.concatenate([np.full(len(r["labels"]), r["client"]) for r in results]),
+                       "label": cat("labels").astype("int64"), "prob": cat("probs").astype("float64")})
+    scores_path = run_dir / "baseline_scores.parquet"
+    if scores_path.exists():  # absent in runs prepared before per-row baseline scores existed
+        scores = pd.read_parquet(scores_path).drop(columns="label").drop_duplicates(KEY)
+        scores = scores.rename(columns={c: f"baseline/{c}" for c in scores.columns if c not in KEY})
+        df = df.merge(scores, on=KEY, how="left")
+    path = run_dir / "predictions.parquet"
+    tmp = path.with_suffix(".tmp")
+    df.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+    return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,7 +397,12 @@ class Simulation:
         refs = ray.get(self.aggregator.params_for.remote(clients, False))
         pending = {self.executor_for(c).evaluate.remote(c, refs[c], self.cfg.eval.split): (c, None) for c in clients}
         done, _ = self._collect(pending, round, "eval", progress)
-        return eval_metrics([r for _, r, _ in done], self.cfg.clients.num)
+        # In client order, not finishing order: the bootstrap interval and predictions.parquet then
+        # do not depend on which actor was quicker (a resumed run reproduces them).
+        results = sorted((r for _, r, _ in done), key=lambda r: r["client"])
+        if round == self.cfg.train.rounds - 1:  # the final model: keep its per-row predictions
+            write_predictions(self.run_dir, results)
+        return eval_metrics(results, self.cfg.clients.num, self.cfg.train.seed)
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -445,11 +477,14 @@ class Simulation:
             for c in range(cfg.clients.num):
                 if f"client/{c}/auc" in evals[-1]:
                     clients_final[str(c)] = {m: evals[-1][f"client/{c}/{m}"] for m in ("auc", "logloss", "accuracy", "rows")}
+        preds = self.run_dir / "predictions.parquet"
+        paired = paired_vs_baselines(pd.read_parquet(preds), cfg.train.seed) if done and preds.exists() else {}
         summary = {
             "name": cfg.name, "run_dir": str(self.run_dir), "complete": done,
             "rounds_done": len(history), "clients": cfg.clients.num, "strategy": cfg.strategy.name,
             "model": cfg.model.name, "dataset": cfg.data.dataset, "eval_split": cfg.eval.split,
             "final": final, "clients_final": clients_final, "baselines": info["baselines"],
+            "paired_vs_baselines": paired,
             "bytes_up": sum(h.get("bytes_up", 0) for h in history),
             "bytes_down": sum(h.get("bytes_down", 0) for h in history),
             "dropped": dropped, "wall_seconds": wall, "lora_params": self.lora_params,
@@ -460,9 +495,11 @@ class Simulation:
         if done:
             self._export_adapter()
             plot = plot_client_auc(history, cfg.clients.num, self.run_dir / "client_auc.png")
+            curve = plot_learning_curve(history, info["baselines"], self.run_dir / "learning_curve.png")
             extra = ray.get(self.aggregator.write_artifacts.remote(str(self.run_dir)))
             for path in (self.run_dir / "config.yaml", self.run_dir / "partition.csv",
-                         self.run_dir / "summary.json", plot, *map(Path, extra)):
+                         self.run_dir / "summary.json", plot, curve, preds if preds.exists() else None,
+                         *map(Path, extra)):
                 if path:
                     self.tracker.log_artifact(path)
             self.tracker.log_artifact(self.run_dir / "adapter", "adapter")

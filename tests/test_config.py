@@ -9,7 +9,8 @@ def test_defaults_and_quickstart_load():
     assert cfg.model.name == "smollm2-135m" and cfg.clients.num == 4
     assert load_config("configs/tiny.yaml").model.name == "tiny-random"
     flat = flatten(to_dict(cfg))
-    assert flat["train.lr"] == 0.005 and flat["model.lora.r"] == 8
+    assert flat["train.lr"] == 0.002 and flat["model.lora.r"] == 16 and flat["data.protocol"] == "tallrec"
+    assert flat["train.schedule"] == "cosine" and flat["data.max_eval_rows"] >= 500
 
 
 def test_unknown_key_is_named_with_a_suggestion():

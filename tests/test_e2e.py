@@ -27,6 +27,21 @@ def test_two_rounds_three_clients_end_to_end(ray_local, tiny_cfg, tmp_path):
     assert summary["complete"] and summary["rounds_done"] == 2 and summary["clients"] == 3
     assert 0 <= summary["final"]["auc"] <= 1 and summary["dropped"] == []
     assert set(summary["baselines"]) == {"popularity", "history_share", "logistic_mf"}
+    f = summary["final"]
+    assert f["auc_ci_low"] <= f["auc"] <= f["auc_ci_high"]
+    assert all(m["auc_ci_low"] <= m["auc"] <= m["auc_ci_high"] for m in summary["baselines"].values())
+
+    # Per-row predictions of the final model, with every baseline scored on the same rows.
+    preds = pd.read_parquet(run_dir / "predictions.parquet")
+    assert list(preds.columns[:6]) == ["user", "item", "timestamp", "client", "label", "prob"]
+    assert {f"baseline/{b}" for b in summary["baselines"]} == set(preds.columns[6:])
+    assert len(preds) == f["rows"] and not preds.isna().any().any()
+    assert not preds.duplicated(["user", "item", "timestamp"]).any()
+    paired = summary["paired_vs_baselines"]
+    assert set(paired) == set(summary["baselines"]) and all(d["rows"] == len(preds) for d in paired.values())
+    assert all(d["low"] <= d["diff"] <= d["high"] for d in paired.values())
+    assert (run_dir / "learning_curve.png").exists()  # two evaluations
+    assert main(["compare", str(run_dir), "baseline:logistic_mf", "--boot", "200"]) == 0
 
     # Each client's shard holds only its own users.
     users = [set(pd.read_parquet(p)["user"]) for p in sorted((run_dir / "shards").glob("client_*.parquet"))]
@@ -42,7 +57,7 @@ def test_two_rounds_three_clients_end_to_end(ray_local, tiny_cfg, tmp_path):
     r = client.get_run(summary["mlflow_run_id"])
     assert r.info.status == "FINISHED"
     assert r.data.params["train.rounds"] == "2" and r.data.params["model.name"] == "tiny-random"
-    for key in ("auc", "logloss", "auc_std", "auc_min", "auc_gap", "bytes_up", "bytes_down", "round_seconds",
+    for key in ("auc", "auc_ci_low", "auc_ci_high", "logloss", "auc_std", "auc_min", "auc_gap", "bytes_up", "bytes_down", "round_seconds",
                 "client/0/auc", "client/2/auc"):
         hist = client.get_metric_history(r.info.run_id, key)
         assert [m.step for m in hist] == [0, 1], key
@@ -52,7 +67,9 @@ def test_two_rounds_three_clients_end_to_end(ray_local, tiny_cfg, tmp_path):
     per_client = [summary["clients_final"][str(c)]["auc"] for c in range(3)]
     assert gap == pytest.approx(max(per_client) - min(per_client))
     artifacts = {a.path for a in client.list_artifacts(r.info.run_id)}
-    assert {"config.yaml", "client_auc.png", "adapter", "summary.json"} <= artifacts
+    assert {"config.yaml", "client_auc.png", "learning_curve.png", "predictions.parquet", "adapter",
+            "summary.json"} <= artifacts
+    assert client.get_metric_history(r.info.run_id, "baseline/logistic_mf/auc_ci_low")[0].step == 0
 
 
 def test_resume_gives_the_same_result_as_an_uninterrupted_run(ray_local, tiny_cfg):
@@ -64,11 +81,15 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(ray_local, tiny_cf
     assert not partial["complete"] and load_checkpoint(sim.run_dir)["round"] == 1
     resumed = run(run_dir=sim.run_dir, log=lambda *a: None)
     assert resumed["complete"] and resumed["rounds_done"] == 3
-    for key in ("auc", "logloss", "accuracy"):
+    for key in ("auc", "auc_ci_low", "auc_ci_high", "logloss", "accuracy"):
         assert resumed["final"][key] == pytest.approx(full["final"][key], abs=1e-6), key
     a = load_file(Path(full["run_dir"]) / "adapter" / "adapter_model.safetensors")
     b = load_file(Path(resumed["run_dir"]) / "adapter" / "adapter_model.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # The resumed run wrote the same per-row predictions.
+    pa, pb = (pd.read_parquet(Path(s["run_dir"]) / "predictions.parquet") for s in (full, resumed))
+    assert pa[["user", "item", "timestamp"]].equals(pb[["user", "item", "timestamp"]])
+    assert pa["prob"].to_numpy() == pytest.approx(pb["prob"].to_numpy(), abs=1e-6)
     # Resuming continued the same MLflow run.
     assert resumed["mlflow_run_id"] == partial["mlflow_run_id"]
 

@@ -1,8 +1,10 @@
 import math
+import time
 
 import numpy as np
+import pytest
 
-from fedsim.metrics import accuracy, auc, logloss
+from fedsim.metrics import accuracy, auc, auc_ci, delong_diff_se, logloss, paired_auc_diff
 
 
 def brute_force_auc(labels, scores):
@@ -41,3 +43,83 @@ def test_logloss_hand_cases():
 def test_accuracy_hand_cases():
     assert accuracy([1, 0, 1, 0], [0.9, 0.1, 0.4, 0.6]) == 0.5
     assert accuracy([1, 0], [0.5, 0.49]) == 1.0  # 0.5 counts as a positive prediction
+
+
+def binormal(n, auc_target, seed):
+    """Balanced labels, scores normal with unit variance; the positives shifted so the population
+    AUC is auc_target (AUC = Phi(shift / sqrt 2))."""
+    from statistics import NormalDist
+
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 2
+    shift = math.sqrt(2) * NormalDist().inv_cdf(auc_target)
+    return labels, rng.normal(size=n) + shift * labels
+
+
+def test_auc_ci_contains_the_point_auc_and_is_seeded():
+    labels, scores = binormal(500, 0.7, 0)
+    low, high = auc_ci(labels, scores, seed=3)
+    assert low < auc(labels, scores) < high
+    assert auc_ci(labels, scores, seed=3) == (low, high)
+    assert auc_ci(labels, scores, seed=4) != (low, high)
+
+
+def test_auc_ci_width_matches_the_known_standard_error():
+    # 100 positives, 100 negatives at AUC 0.7: Hanley-McNeil SE = 0.0368, so the 95 % interval is
+    # about +-0.072. Averaged over a few data sets so one unlucky draw does not decide.
+    half = [np.subtract(*auc_ci(*binormal(200, 0.7, s))[::-1]) / 2 for s in range(5)]
+    assert 0.06 < np.mean(half) < 0.085
+
+
+def test_auc_ci_narrows_as_one_over_sqrt_n():
+    small = np.subtract(*auc_ci(*binormal(400, 0.7, 1))[::-1])
+    large = np.subtract(*auc_ci(*binormal(1600, 0.7, 2))[::-1])
+    assert 1.6 < small / large < 2.5  # sqrt(1600 / 400) = 2
+
+
+def test_auc_ci_is_nan_with_one_class_and_fast_on_two_thousand_rows():
+    assert all(math.isnan(x) for x in auc_ci([1, 1, 1], [0.1, 0.2, 0.3]))
+    labels, scores = binormal(2000, 0.7, 0)
+    auc_ci(labels, scores, n_boot=50)  # warm up numpy
+    t0 = time.perf_counter()
+    auc_ci(labels, scores, n_boot=1000)
+    assert time.perf_counter() - t0 < 1.5  # ~0.1 s on an idle core; slack for a busy machine
+
+
+def test_bootstrap_resample_auc_matches_the_plain_auc_with_ties():
+    # A tiny interval from many ties must equal the spread of plain auc() over the same resamples.
+    from fedsim.metrics import _boot_auc, _boot_chunks, _score_groups
+
+    labels, scores = binormal(300, 0.7, 5)
+    scores = np.round(scores, 1)
+    group, k = _score_groups(scores)
+    idx = next(_boot_chunks(300, 20, 0))
+    fast = _boot_auc(labels.astype(bool), group, k, idx)
+    assert np.allclose(fast, [auc(labels[i], scores[i]) for i in idx], atol=1e-12)
+
+
+def test_paired_diff_of_a_model_with_itself_is_exactly_zero():
+    labels, scores = binormal(300, 0.7, 0)
+    d = paired_auc_diff(labels, scores, scores)
+    assert (d["diff"], d["low"], d["high"]) == (0.0, 0.0, 0.0) and d["p_value"] == 1.0
+
+
+def test_paired_diff_detects_a_clearly_better_scorer():
+    labels, good = binormal(1000, 0.8, 0)
+    worse = good + np.random.default_rng(1).normal(scale=1.5, size=1000)  # the same signal, more noise
+    d = paired_auc_diff(labels, good, worse)
+    assert d["diff"] > 0 and d["low"] > 0 and d["p_value"] < 0.01
+    flipped = paired_auc_diff(labels, worse, good)
+    assert flipped["high"] < 0 and flipped["diff"] == -d["diff"]
+
+
+def test_paired_interval_is_narrower_than_unpaired_for_correlated_scorers():
+    labels, a = binormal(800, 0.75, 0)
+    b = a + np.random.default_rng(2).normal(scale=0.3, size=800)
+    paired = paired_auc_diff(labels, a, b)
+    width_a = np.subtract(*auc_ci(labels, a)[::-1])
+    width_b = np.subtract(*auc_ci(labels, b, seed=1)[::-1])
+    unpaired = math.hypot(width_a, width_b)  # independent intervals: widths add in quadrature
+    assert paired["high"] - paired["low"] < unpaired / 3
+    # DeLong's standard error agrees with the bootstrap's width.
+    assert paired["high"] - paired["low"] == pytest.approx(2 * 1.96 * delong_diff_se(labels, a, b), rel=0.25)

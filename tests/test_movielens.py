@@ -39,9 +39,11 @@ def test_counts_schema_and_titles(movielens):
     assert ratings["item"].nunique() == 1_682 and len(items) == 1_682
     assert ratings.dtypes.astype(str).to_dict() == {"user": "int64", "item": "int64",
                                                      "rating": "float32", "timestamp": "int64"}
-    assert items.dtypes.astype(str).to_dict() == {"item": "int64", "title": "str"}
+    assert items.dtypes.astype(str).to_dict() == {"item": "int64", "title": "str", "year": "Int64"}
     title = items.set_index("item")["title"]
-    assert title[1] == "Toy Story"
+    assert title[1] == "Toy Story" and items.set_index("item")["year"][1] == 1995
+    # Only item 267 ("unknown") has no release year in either source.
+    assert items.loc[items["year"].isna(), "item"].tolist() == [267]
     assert not items["title"].str.contains(r"\(\d{4}\)\s*$").any()
     assert ratings_sha256(ratings) == RATINGS_SHA256
 
@@ -85,7 +87,8 @@ def place_grouplens_zip(home, ratings, items):
     folder.mkdir(parents=True)
     shuffled = ratings.sample(frac=1.0, random_state=0)
     u_data = shuffled.astype({"rating": "int64"}).to_csv(sep="\t", header=False, index=False)
-    u_item = "".join(f"{i}|{t} (1995)|01-Jan-1995||http://x|0\n" for i, t in zip(items["item"], items["title"]))
+    u_item = "".join(f"{i}|{t}{'' if pd.isna(y) else f' ({y})'}|01-Jan-1995||http://x|0\n"
+                     for i, t, y in zip(items["item"], items["title"], items["year"]))
     with zipfile.ZipFile(folder / "ml-100k.zip", "w") as zf:
         zf.writestr("ml-100k/u.data", u_data)
         zf.writestr("ml-100k/u.item", u_item.encode("latin-1"))
@@ -150,3 +153,20 @@ def test_both_sources_failing_explains_manual_install(tmp_path, monkeypatch):
     assert "FEDSIM_HOME" in str(info.value) and "ml-100k.zip" in str(info.value)
     assert any("GroupLens" in m for m in messages)
     assert not (tmp_path / "data" / "movielens-100k" / "ratings.parquet").exists()
+
+
+def test_tallrec_protocol_on_movielens(movielens):
+    """TALLRec's preprocessing: exactly 10 earlier ratings per sample, the 10,000 most recent
+    samples, 8:1:1 in time order, items written "Title (Year)"."""
+    samples = build_samples(*movielens, protocol="tallrec", with_year=True)
+    assert len(samples) == 10_000
+    assert samples["split"].value_counts().to_dict() == {"train": 8_000, "valid": 1_000, "test": 1_000}
+    assert (samples["liked"].map(len) + samples["disliked"].map(len) == 10).all()
+    assert samples["timestamp"].is_monotonic_increasing
+    for a, b in (("train", "valid"), ("valid", "test")):
+        assert samples.loc[samples["split"] == a, "timestamp"].max() <= samples.loc[samples["split"] == b, "timestamp"].min()
+    # The kept samples are the most recent ones of all full-window samples.
+    every = build_samples(*movielens, protocol="tallrec", keep_last=10**9)
+    assert len(every) > 10_000 and samples["timestamp"].min() >= every["timestamp"].iloc[-10_000]
+    assert samples["title"].str.match(r".+ \(\d{4}\)$").mean() > 0.99
+    assert abs(samples["label"].mean() - 0.555) < 0.01

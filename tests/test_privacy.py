@@ -308,14 +308,14 @@ def test_dp_lora_noise_and_per_client_accounting():
 def tiny_lm(tmp_path_factory):
     """The tiny random Llama with LoRA, on its device before peft and Opacus touch it, a set of
     labelled prompts, and their loss, outside Ray."""
-    from fedsim.data.prompt import INSTRUCTION, render_prompt
+    from fedsim.data.prompt import DEFAULT_TEMPLATE, render_prompt
     from fedsim.models.loader import build_tiny_random, load_base
     from fedsim.models.lora import attach_lora, flat_layout, trainable
     from fedsim.models.scoring import answer_token_ids, encode, preference_loss, yes_no_logits
 
     cfg = load_config("configs/tiny.yaml", ["privacy.sample_dp.enabled=true", "privacy.sample_dp.noise_multiplier=1.0"])
     titles = [f"Movie {i}" for i in range(40)]
-    texts = [INSTRUCTION, 'Liked: Disliked: Target movie: "none" Answer: Yes No', *titles]
+    texts = [DEFAULT_TEMPLATE, 'Liked: Disliked: Target movie: "none" Answer: Yes No', *titles]
     base, tok = load_base(str(build_tiny_random(tmp_path_factory.mktemp("tiny") / "model", texts)), "float32")
     model = attach_lora(base, cfg.model.lora, 0)
     yes, no = answer_token_ids(tok)

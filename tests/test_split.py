@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from fedsim.client.state import ClientStore
 from fedsim.config import ConfigError, load_config, to_dict
-from fedsim.data.prompt import INSTRUCTION, render_prompt
+from fedsim.data.prompt import DEFAULT_TEMPLATE, render_prompt
 from fedsim.models.loader import build_tiny_random, load_base
 from fedsim.models.lora import attach_lora, freeze_lora_A, set_flat
 from fedsim.models.scoring import answer_token_ids, encode, preference_loss, yes_no_logits
@@ -24,7 +24,7 @@ TITLES = [f"Movie {i}" for i in range(30)]
 @pytest.fixture(scope="module")
 def tiny5(tmp_path_factory):
     """A 5-layer tiny random Llama: client front [0, 2), server [2, 4), client back 4."""
-    texts = [INSTRUCTION, 'Liked: Disliked: Target movie: "none" Answer: Yes No', *TITLES]
+    texts = [DEFAULT_TEMPLATE, 'Liked: Disliked: Target movie: "none" Answer: Yes No', *TITLES]
     return str(build_tiny_random(tmp_path_factory.mktemp("tiny5") / "model", texts, seed=0, num_layers=5))
 
 

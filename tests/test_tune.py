@@ -185,7 +185,8 @@ def test_trial_rows_hold_every_sweep_metric_so_a_sweep_ranks_on_logloss(tmp_path
     for t, loss in zip(expand(parse_sweep(path), path), (0.5, 0.4)):
         run_dir = tmp_path / f"trial_{t.index}"
         run_dir.mkdir()
-        save_checkpoint(run_dir, {"round": 0, "history": [{"round": 0, "auc": 0.7, "logloss": loss, "bytes_up": 8.0}],
+        save_checkpoint(run_dir, {"round": 0, "history": [{"round": 0, "auc": 0.7, "auc_ci_low": 0.65, "auc_ci_high": 0.75,
+                                                              "logloss": loss, "bytes_up": 8.0}],
                                   "wall_seconds": 3.0, "mlflow_run_id": None})
         (run_dir / "summary.json").write_text('{"complete": true, "wall_seconds": 4.0}')
         spec = {"trial": t.index, "params": t.params, "config": to_dict(t.cfg), "run_dir": str(run_dir)}
@@ -196,6 +197,8 @@ def test_trial_rows_hold_every_sweep_metric_so_a_sweep_ranks_on_logloss(tmp_path
     state = {"name": "t", "keys": ["train.lr"], "metric": "logloss", "mode": "min", "tracking": {"uri": "-"}}
     finish(state, rows, tmp_path, parent, log=lambda *a: None)
     assert parent.metrics["best_logloss"] == 0.4
+    csv = pd.read_csv(tmp_path / "results.csv")  # the AUC's interval from the last evaluation
+    assert csv["auc_ci_low"].tolist() == [0.65, 0.65] and csv["auc_ci_high"].tolist() == [0.75, 0.75]
 
 
 def test_record_level_epsilon_is_the_largest_over_every_round():

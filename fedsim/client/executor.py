@@ -27,9 +27,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from fedsim.client.schedule import client_lr
 from fedsim.client.state import ClientStore, flat_to_opt_state, opt_state_to_flat
 from fedsim.config import config_from_dict
-from fedsim.data.prompt import render_prompt
+from fedsim.data.prompt import prompt_template, render_prompt
 from fedsim.models.fused import FusedLoRA, StackedAdamW, chunks
 from fedsim.models.loader import load_base, quiet_transformers
 from fedsim.models.lora import (attach_lora, export_state, freeze_lora_A, get_flat, local_params, lora_modules,
@@ -124,6 +125,7 @@ class ClientExecutor:
             self.base0 = [layer.weight.detach().clone() for layer in self.base_layers]
             self.merged_version = 0
         self.yes_id, self.no_id = answer_token_ids(self.tokenizer)
+        self.template = prompt_template(self.cfg)
         self.store = ClientStore(self.run_dir / "client_state")
         self.postprocessors = build_postprocessors(self.cfg, [(n, p.numel()) for n, p in shared], key_holder)
         if self.cfg.executors.compile:
@@ -172,7 +174,7 @@ class ClientExecutor:
         return df[df["split"] == split].reset_index(drop=True)
 
     def _batch(self, rows: pd.DataFrame) -> dict:
-        prompts = [render_prompt(a, b, t) for a, b, t in zip(rows["liked"], rows["disliked"], rows["title"])]
+        prompts = [render_prompt(a, b, t, self.template) for a, b, t in zip(rows["liked"], rows["disliked"], rows["title"])]
         return encode(self.tokenizer, prompts, self.cfg.model.max_length, self.device)
 
     def _maybe_crash(self, client: int, round: int) -> None:
@@ -206,6 +208,13 @@ class ClientExecutor:
         steps = t.local_steps or max(1, math.ceil(t.local_epochs * len(rows) / t.batch_size))
         return LocalRun(client, round, lr, time.perf_counter() - t0, rows, params, opt, saved, np.random.default_rng(seed), steps,
                         (saved or {}).get("privacy", {}))
+
+    def _step_lr(self, run: LocalRun, step: int) -> float:
+        return client_lr(self.cfg.train, run.lr, run.round, step, run.steps)
+
+    def _set_lr(self, run: LocalRun, step: int) -> None:
+        for group in run.opt.param_groups:  # Opacus' DPOptimizer shares these param_groups
+            group["lr"] = self._step_lr(run, step)
 
     def _take(self, run: LocalRun, idx) -> pd.DataFrame:
         run.used.update(int(i) for i in idx)
@@ -265,12 +274,13 @@ class ClientExecutor:
         self.model.train()
         if self.sample_dp is not None:  # record-level DP-SGD (Poisson batches, per-sample clipping, noise)
             losses, seen, dp_metrics = self.sample_dp.train(run.opt, loss_of, len(run.rows), run.steps, run.rng,
-                                                            client, round, run.state)
+                                                            client, round, run.state, lambda s: self._set_lr(run, s))
             weight = self.sample_dp.expected_samples(len(run.rows), run.steps)
         else:
             batches = batch_stream(run.rng, len(run.rows), self.cfg.train.batch_size)
             losses, seen, dp_metrics = [], 0, {}
-            for _ in range(run.steps):
+            for step in range(run.steps):
+                self._set_lr(run, step)
                 idx = next(batches)
                 loss = loss_of(idx)
                 loss.backward()
@@ -314,6 +324,9 @@ class ClientExecutor:
                         frames[slot] = self._take(run, next(streams[slot]))
                         counts[slot] = len(frames[slot])
                         seen[slot] += counts[slot]
+                for slot, run in enumerate(runs):
+                    if step < run.steps:
+                        opt.lr[slot] = self._step_lr(run, step)
                 step_losses = torch.zeros(len(runs), device=self.device)
                 for part in chunks(counts, self.cfg.executors.fused_rows):  # whole clients per pass
                     group.route.set([counts[s] if s in part else 0 for s in range(len(runs))])
@@ -348,7 +361,10 @@ class ClientExecutor:
             logits = self._forward(self._batch(rows.iloc[i:i + bs]))
             probs.append(p_yes(logits).cpu().numpy())
         probs = np.concatenate(probs) if probs else np.zeros(0)
-        return {"client": client, "labels": rows["label"].to_numpy(), "probs": probs}
+        # The row key (user, item, timestamp) lets the driver save per-row predictions that other
+        # runs and the baselines can be paired with.
+        return {"client": client, "labels": rows["label"].to_numpy(), "probs": probs,
+                **{k: rows[k].to_numpy() for k in ("user", "item", "timestamp")}}
 
     @torch.no_grad()
     def membership(self, client: int, params, max_rows: int) -> dict:

@@ -63,7 +63,13 @@ def _check_hash(what: str, expected: str, actual: str) -> None:
         raise DataError(f"sha256 mismatch for {what}: expected {expected}, got {actual}")
 
 
-def _tidy(ratings: pd.DataFrame, items: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _year_of(raw_titles: pd.Series) -> pd.Series:
+    """Release year from a GroupLens title ending in "(1995)" (or "(1995) (V)"); <NA> when absent."""
+    year = raw_titles.astype(str).str.extract(r"\((\d{4})\)(?:\s*\(V\))?\s*$")[0]
+    return pd.to_numeric(year, errors="coerce").astype("Int64")
+
+
+def _tidy(ratings: pd.DataFrame, items: pd.DataFrame, year: pd.Series) -> tuple[pd.DataFrame, pd.DataFrame]:
     ratings = pd.DataFrame({
         "user": ratings["user"].astype("int64"),
         "item": ratings["item"].astype("int64"),
@@ -76,7 +82,10 @@ def _tidy(ratings: pd.DataFrame, items: pd.DataFrame) -> tuple[pd.DataFrame, pd.
     titles = titles.str.strip()
     # RecBole ships item 267 misspelt; GroupLens calls it "unknown".
     titles = titles.where(titles != "unkonwn", "unknown")
-    items = pd.DataFrame({"item": items["item"].astype("int64"), "title": titles})
+    # The year is kept apart from the title: prompts show "Title (Year)" (TALLRec's item text) or
+    # the bare title (data.item_text), and two films of one name differ by it.
+    items = pd.DataFrame({"item": items["item"].astype("int64"), "title": titles,
+                          "year": pd.array(year, dtype="Int64")})
     return ratings, items.sort_values("item").reset_index(drop=True)
 
 
@@ -95,7 +104,7 @@ def read_grouplens_zip(path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         items = pd.read_csv(io.BytesIO(zf.read("ml-100k/u.item")), sep="|", header=None,
                             usecols=[0, 1], names=["item", "title"], encoding="latin-1",
                             quoting=csv.QUOTE_NONE, keep_default_na=False)
-    return _tidy(ratings, items)
+    return _tidy(ratings, items, _year_of(items["title"]))
 
 
 def _from_grouplens(out: Path, log) -> tuple[pd.DataFrame, pd.DataFrame, str]:
@@ -130,9 +139,12 @@ def read_recbole_wheel(wheel: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         item = _read_recbole_member(zf, RECBOLE_DIR + "ml-100k.item")
     ratings = pd.read_csv(io.BytesIO(inter), sep="\t", header=0,
                           names=["user", "item", "rating", "timestamp"])
-    items = pd.read_csv(io.BytesIO(item), sep="\t", header=0, usecols=[0, 1], names=["item", "title"],
+    items = pd.read_csv(io.BytesIO(item), sep="\t", header=0, usecols=[0, 1, 2], names=["item", "title", "year"],
                         quoting=csv.QUOTE_NONE, keep_default_na=False, encoding="utf-8")
-    return _tidy(ratings, items)
+    year = pd.to_numeric(items["year"], errors="coerce").astype("Int64")
+    # Item 1412 keeps "(1995) (V)" in RecBole's title; GroupLens' title is the source of truth there.
+    year = year.fillna(_year_of(items["title"]))
+    return _tidy(ratings, items, year)
 
 
 def _from_recbole(log) -> tuple[pd.DataFrame, pd.DataFrame, str]:
@@ -151,10 +163,20 @@ def _write_parquet(df: pd.DataFrame, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _has_year(items_path: Path) -> bool:
+    """Caches written before items had a year column are rebuilt once."""
+    import pyarrow.parquet as pq
+
+    try:
+        return "year" in pq.read_schema(items_path).names
+    except Exception:  # a damaged file: load_movielens_100k reports it with its path
+        return True
+
+
 def fetch_movielens_100k(home: Path | None = None, log=print) -> Path:
     out = _dataset_dir(home)
     ratings_path, items_path = out / "ratings.parquet", out / "items.parquet"
-    if ratings_path.exists() and items_path.exists():
+    if ratings_path.exists() and items_path.exists() and _has_year(items_path):
         return out
     out.mkdir(parents=True, exist_ok=True)
     failures = []

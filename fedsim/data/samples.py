@@ -25,13 +25,30 @@ def _history_lists(titles: np.ndarray, source: np.ndarray, target: np.ndarray, k
     return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+PROTOCOLS = ("global", "tallrec")
+TALLREC_ROWS = 10_000
+
+
 def build_samples(ratings: pd.DataFrame, items: pd.DataFrame, history_len=10, like_threshold=3.0,
-                  split=(0.8, 0.1, 0.1)) -> pd.DataFrame:
+                  split=(0.8, 0.1, 0.1), protocol="global", keep_last=None, with_year=False) -> pd.DataFrame:
+    """One sample per rating: the user's previous `history_len` ratings (split into liked and
+    disliked titles, oldest first) and the rated item as the target.
+
+    protocol `global`: every rating with at least one earlier rating of its user; all samples
+    split by the target's time. `tallrec` (TALLRec, Bao et al. 2023): only targets with exactly
+    `history_len` earlier ratings, and the `keep_last` (default 10,000) most recent of those.
+    Either way the kept samples are sorted by the target's timestamp and split in that order.
+    `with_year`: items are written "Title (Year)" where the items table has a year.
+    """
     fractions = _check_split(split)
     if history_len < 1:
         raise ValueError(f"data.history_len must be >= 1, got {history_len}")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"data.protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    if protocol == "tallrec" and keep_last is None:
+        keep_last = TALLREC_ROWS
     r = ratings.sort_values(["user", "timestamp", "item"], kind="stable").reset_index(drop=True)
-    title_of = items.drop_duplicates("item").set_index("item")["title"]
+    title_of = item_texts(items, with_year)
     titles = r["item"].map(title_of)
     if titles.isna().any():
         missing = r.loc[titles.isna(), "item"].unique()[:5].tolist()
@@ -44,7 +61,8 @@ def build_samples(ratings: pd.DataFrame, items: pd.DataFrame, history_len=10, li
     first = np.r_[True, user[1:] != user[:-1]]
     group_start = np.maximum.accumulate(np.where(first, np.arange(len(r)), 0))
     pos = np.arange(len(r)) - group_start
-    rows = np.flatnonzero(pos >= 1)  # a sample needs at least one earlier rating
+    # A sample needs at least one earlier rating; TALLRec's a full window.
+    rows = np.flatnonzero(pos >= (history_len if protocol == "tallrec" else 1))
 
     # All (history row, sample) pairs: offsets -history_len..-1, kept when inside the same user.
     offsets = np.arange(-history_len, 0)
@@ -66,6 +84,8 @@ def build_samples(ratings: pd.DataFrame, items: pd.DataFrame, history_len=10, li
         "disliked": disliked,
     })
     samples = samples.sort_values(["timestamp", "user", "item"], kind="stable").reset_index(drop=True)
+    if keep_last is not None:
+        samples = samples.iloc[-keep_last:].reset_index(drop=True)
     n = len(samples)
     cut_train = int(round(n * fractions[0]))
     cut_valid = int(round(n * (fractions[0] + fractions[1])))
@@ -74,6 +94,17 @@ def build_samples(ratings: pd.DataFrame, items: pd.DataFrame, history_len=10, li
     split_of[cut_train:cut_valid] = SPLITS[1]
     samples["split"] = pd.Series(split_of, dtype="str")
     return samples
+
+
+def item_texts(items: pd.DataFrame, with_year: bool = False) -> pd.Series:
+    """item -> the text a prompt shows: the title, or "Title (Year)" (TALLRec's item text) where
+    the items table has a year."""
+    items = items.drop_duplicates("item").set_index("item")
+    title = items["title"].astype(str)
+    if with_year and "year" in items:
+        year = items["year"]
+        title = title.where(year.isna(), title + " (" + year.astype("string") + ")")
+    return title
 
 
 def _truncated_svd(a: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -24,7 +24,10 @@ def _titles(num_items: int, rng: np.random.Generator) -> list[str]:
 
 
 def make_synthetic(num_users=200, num_items=300, ratings_per_user=40, num_clusters=4,
-                   taste_strength=2.0, seed=0) -> tuple[pd.DataFrame, pd.DataFrame]:
+                   taste_strength=2.0, seed=0, generosity=None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """`generosity` g: the clusters' like-tendency spans [-g, g] (None: [-0.25, 0.75]). A large g
+    makes a user's label follow their own history (generous users like most targets), the signal
+    a model reading the history must pick up: fedsim's "does training work" tests use it."""
     if ratings_per_user > num_items:
         raise ValueError(f"ratings_per_user={ratings_per_user} exceeds num_items={num_items}")
     rng = np.random.default_rng(seed)
@@ -32,7 +35,8 @@ def make_synthetic(num_users=200, num_items=300, ratings_per_user=40, num_cluste
     # Coordinate 0 meets a constant 1 in every item vector, so it acts as the cluster's
     # generosity: clusters then differ in like-rate, not only in which items they like.
     centres = rng.normal(0.0, 1.0, (num_clusters, _LATENT_DIM))
-    centres[:, 0] = np.linspace(-0.25, 0.75, num_clusters) if num_clusters > 1 else 0.25
+    low, high = (-0.25, 0.75) if generosity is None else (-generosity, generosity)
+    centres[:, 0] = np.linspace(low, high, num_clusters) if num_clusters > 1 else (low + high) / 2
     users = centres[cluster] + rng.normal(0.0, 0.3, (num_users, _LATENT_DIM))
     items = rng.normal(0.0, 1.0 / np.sqrt(_LATENT_DIM), (num_items, _LATENT_DIM))
     items[:, 0] = 1.0

@@ -31,8 +31,17 @@ def attach_lora(model, lora_cfg, seed: int):
 
     # Every actor seeds the same way so all clients start from the same adapter.
     torch.manual_seed(seed)
+    layers = None
+    top = getattr(lora_cfg, "top_layers", None)
+    if top is not None:
+        # Only the last `top` decoder layers get adapters: backward then stops at the first of
+        # them, so a step costs a forward plus top/L of a backward.
+        depth = model.config.num_hidden_layers
+        if not 1 <= top <= depth:
+            raise ValueError(f"model.lora.top_layers: {top} must be in [1, {depth}] (the model's decoder layers)")
+        layers = list(range(depth - top, depth))
     cfg = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-                     target_modules=list(lora_cfg.target_modules), bias="none")
+                     target_modules=list(lora_cfg.target_modules), bias="none", layers_to_transform=layers)
     try:
         # get_peft_model leaves the model in train mode (dropout on): an executor whose first call is
         # an evaluation would score with dropout. Training switches to train() itself.

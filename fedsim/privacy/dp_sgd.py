@@ -101,7 +101,8 @@ class SampleDP:
                                unit=f"local steps (train.rounds={self.rounds} x {local_steps})")
 
     def train(self, opt: torch.optim.Optimizer, loss_of: Callable[[np.ndarray], torch.Tensor], num_rows: int,
-              steps: int, rng: np.random.Generator, client: int, round: int, state: dict) -> tuple[list, int, dict]:
+              steps: int, rng: np.random.Generator, client: int, round: int, state: dict,
+              before_step: Callable[[int], None] = lambda step: None) -> tuple[list, int, dict]:
         """`steps` DP-SGD steps with `opt` for one client; updates the client's accountant in
         `state["sample_dp"]`. Returns (batch losses, rows used, metrics)."""
         q = self.sample_rate(num_rows)
@@ -112,7 +113,8 @@ class SampleDP:
         dp_opt = dp_optimizer(opt, z, self.p.max_grad_norm, q * num_rows,
                               noise_seed(self.seed, client, round, NOISE_TAG))
         losses, seen = [], 0
-        for _ in range(steps):
+        for step in range(steps):
+            before_step(step)  # the lr schedule
             idx = poisson_batch(rng, num_rows, q)
             loss = dp_step(dp_opt, self.params, loss_of, idx)
             if loss is not None:

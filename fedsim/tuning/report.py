@@ -15,6 +15,7 @@ from fedsim.simulation import load_checkpoint
 from fedsim.tuning.sweep import EPSILON_KEYS, METRICS
 
 NAN = float("nan")
+CI = ("auc_ci_low", "auc_ci_high")  # the last evaluation's 95 % interval of the AUC (reported, not ranked on)
 
 
 def epsilon_spent(history: list[dict], cfg: dict) -> float:
@@ -37,7 +38,7 @@ def trial_row(spec: dict, result, interrupted: bool) -> dict:
     cfg, run_dir = spec["config"], Path(spec["run_dir"])
     row = {"trial": spec["trial"], **{k: v for k, v in spec["params"].items() if k != "train.seed"},
            # Every metric a sweep may rank on (sweep.METRICS), so `finish` finds the sweep's metric.
-           "seed": cfg["train"]["seed"], **dict.fromkeys(METRICS, NAN),
+           "seed": cfg["train"]["seed"], **dict.fromkeys(METRICS, NAN), **dict.fromkeys(CI, NAN),
            "epsilon": epsilon_spent([], cfg), "bytes_up": 0.0, "bytes_down": 0.0, "wall_seconds": NAN,
            "rounds": 0, "status": "", "run_dir": str(run_dir), "mlflow_run_id": None}
     ckpt = load_checkpoint(run_dir) if run_dir.exists() else None
@@ -45,7 +46,7 @@ def trial_row(spec: dict, result, interrupted: bool) -> dict:
         history = ckpt["history"]
         evals = [h for h in history if "auc" in h]
         last = evals[-1] if evals else {}
-        row.update({k: last.get(k, NAN) for k in METRICS})
+        row.update({k: last.get(k, NAN) for k in (*METRICS, *CI)})
         row.update(epsilon=epsilon_spent(history, cfg), rounds=len(history), wall_seconds=ckpt["wall_seconds"],
                    bytes_up=sum(h.get("bytes_up", 0) for h in history),
                    bytes_down=sum(h.get("bytes_down", 0) for h in history), mlflow_run_id=ckpt.get("mlflow_run_id"))

@@ -1,0 +1,135 @@
+"""`fedsim compare` and the per-row prediction files it reads, on hand-made run directories."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fedsim.cli import main
+from fedsim.compare import compare_runs, paired_vs_baselines
+from fedsim.metrics import auc
+from fedsim.report import summary_table
+from fedsim.simulation import write_predictions
+
+N = 600
+
+
+def rows(n=N, seed=0):
+    """Evaluated rows with a label and a latent signal that scorers see through more or less noise."""
+    rng = np.random.default_rng(seed)
+    signal = rng.normal(size=n)
+    return pd.DataFrame({"user": np.arange(n) // 6, "item": 1000 + np.arange(n) % 97, "timestamp": 10 * np.arange(n),
+                         "client": np.arange(n) % 3, "label": (signal + rng.normal(size=n) > 0).astype("int64"),
+                         "signal": signal})
+
+
+def scorer(df, noise, seed):
+    return 1 / (1 + np.exp(-(df["signal"] + noise * np.random.default_rng(seed).normal(size=len(df)))))
+
+
+def make_run(path, df, noise, seed, baselines=()):
+    path.mkdir(parents=True)
+    out = df.drop(columns="signal").assign(prob=scorer(df, noise, seed))
+    for name, bnoise in baselines:
+        out[f"baseline/{name}"] = scorer(df, bnoise, seed + 100)
+    out.to_parquet(path / "predictions.parquet", index=False)
+    return path
+
+
+@pytest.fixture
+def runs(tmp_path):
+    df = rows()
+    good = make_run(tmp_path / "good", df, 0.3, 1, baselines=[("popularity", 3.0), ("logistic_mf", 0.35)])
+    # The second run evaluated an overlapping but different set of rows: 400 shared, 100 of its own.
+    other = pd.concat([df.iloc[200:], rows(100, seed=9).assign(timestamp=lambda d: 10**9 + d["timestamp"])])
+    weak = make_run(tmp_path / "weak", other, 2.0, 2)
+    return good, weak
+
+
+def test_compare_pairs_two_runs_on_their_shared_rows(runs):
+    good, weak = runs
+    r = compare_runs(good, weak, seed=0, n_boot=500)
+    assert (r["rows"], r["rows_a"], r["rows_b"]) == (400, 600, 500)
+    a, b = pd.read_parquet(good / "predictions.parquet"), pd.read_parquet(weak / "predictions.parquet")
+    shared = a.merge(b, on=["user", "item", "timestamp"], suffixes=("_a", "_b"))
+    assert r["a"]["auc"] == pytest.approx(auc(shared["label_a"], shared["prob_a"]))
+    assert r["diff"] == pytest.approx(r["a"]["auc"] - r["b"]["auc"])
+    for side in ("a", "b"):
+        assert r[side]["low"] < r[side]["auc"] < r[side]["high"]
+    assert r["low"] > 0 and r["verdict"] == "A better"
+    flipped = compare_runs(weak, good, seed=0, n_boot=500)
+    assert flipped["high"] < 0 and flipped["verdict"] == "B better"
+    same = compare_runs(good, good, n_boot=200)
+    assert (same["diff"], same["low"], same["high"], same["verdict"]) == (0.0, 0.0, 0.0, "within noise")
+
+
+def test_compare_against_a_baseline_column_of_the_same_run(runs):
+    good, _ = runs
+    assert compare_runs(good, "baseline:popularity", n_boot=300)["verdict"] == "A better"
+    close = compare_runs(good, "baseline:logistic_mf", n_boot=300)  # nearly the same scorer
+    assert close["verdict"] == "within noise" and close["low"] < 0 < close["high"] and close["rows"] == N
+
+
+def test_compare_command_prints_a_verdict_and_writes_json(runs, tmp_path, capsys):
+    good, weak = runs
+    out = tmp_path / "cmp.json"
+    assert main(["compare", str(good), str(weak), "--seed", "3", "--boot", "300", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "paired over 400 rows" in text and "verdict: A better (the interval excludes 0" in text
+    saved = json.loads(out.read_text())
+    assert saved["seed"] == 3 and saved["n_boot"] == 300 and saved["verdict"] == "A better"
+
+
+def test_compare_errors_say_what_is_wrong(runs, tmp_path, capsys):
+    good, weak = runs
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    assert main(["compare", str(good), str(unfinished)]) == 2
+    err = capsys.readouterr().err
+    assert (f"run {unfinished} has no predictions.parquet: it did not finish "
+            f"(resume it with fedsim run --resume {unfinished})") in err
+
+    elsewhere = make_run(tmp_path / "elsewhere", rows(50, seed=4).assign(user=lambda d: d["user"] + 10**6), 1.0, 0)
+    with pytest.raises(ValueError, match="share no evaluated rows"):
+        compare_runs(good, elsewhere)
+    with pytest.raises(ValueError, match=r"no scores for baseline:nope \(baselines in its predictions.parquet: "
+                                         r"baseline:popularity, baseline:logistic_mf\)"):
+        compare_runs(good, "baseline:nope")
+    relabelled = make_run(tmp_path / "relabelled", rows().assign(label=lambda d: 1 - d["label"]), 1.0, 0)
+    with pytest.raises(ValueError, match="label 600 of their 600 shared rows differently"):
+        compare_runs(good, relabelled)
+    assert main(["compare", str(tmp_path / "missing"), str(good)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_predictions_file_joins_the_baselines_by_row_key(tmp_path):
+    df = rows(60)
+    # prepare.py's file: every evaluated row, in its own order, with each baseline's score.
+    base = df[["user", "item", "timestamp", "label"]].iloc[::-1].assign(popularity=np.linspace(0, 1, 60))
+    base.to_parquet(tmp_path / "baseline_scores.parquet", index=False)
+    results = [{"client": c, "labels": g["label"].to_numpy(), "probs": g["signal"].to_numpy(np.float32),
+                **{k: g[k].to_numpy() for k in ("user", "item", "timestamp")}} for c, g in df.groupby("client")]
+    preds = pd.read_parquet(write_predictions(tmp_path, results))
+    assert list(preds.columns) == ["user", "item", "timestamp", "client", "label", "prob", "baseline/popularity"]
+    assert len(preds) == 60
+    check = preds.merge(base, on=["user", "item", "timestamp"])
+    assert (check["baseline/popularity"] == check["popularity"]).all() and (check["label_x"] == check["label_y"]).all()
+
+
+def test_summary_table_shows_intervals_and_paired_verdicts(runs):
+    good, _ = runs
+    paired = paired_vs_baselines(pd.read_parquet(good / "predictions.parquet"), n_boot=300)
+    assert set(paired) == {"popularity", "logistic_mf"} and paired["popularity"]["rows"] == N
+    summary = {"name": "t", "rounds_done": 2, "clients": 3, "wall_seconds": 5.0, "strategy": "fedavg",
+               "final": {"auc": 0.78123, "auc_ci_low": 0.7521, "auc_ci_high": 0.8094, "logloss": 0.5, "accuracy": 0.7,
+                         "rows": 600.0},
+               "baselines": {"popularity": {"auc": 0.6, "auc_ci_low": 0.55, "auc_ci_high": 0.65, "logloss": 0.7,
+                                            "accuracy": 0.6},
+                             "logistic_mf": {"auc": 0.7, "logloss": 0.6, "accuracy": 0.65}},  # an older run: no interval
+               "paired_vs_baselines": paired, "clients_final": {}, "bytes_up": 0, "bytes_down": 0, "dropped": []}
+    text = summary_table(summary)
+    assert "0.7812 [0.752, 0.809]" in text and "0.6000 [0.550, 0.650]" in text and "0.7000 " in text
+    p = paired["popularity"]
+    assert f"federated − popularity: {p['diff']:+.3f} [{p['low']:+.3f}, {p['high']:+.3f}] paired over {N} rows " \
+           f"(federated better)" in text
+    assert "federated − logistic_mf: " in text and "(within noise)" in text

@@ -1,0 +1,185 @@
+"""Training must work: tests that fail when the recommender stops learning, and the pieces that
+made it learn (TALLRec's protocol and prompt, items with their year, the lr schedule)."""
+import math
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fedsim.client.schedule import lr_factor
+from fedsim.config import ConfigError, load_config
+from fedsim.data.prompt import PLAIN_TEMPLATE, TALLREC_TEMPLATE, render_prompt
+from fedsim.data.samples import build_samples, item_texts
+from fedsim.simulation import load_checkpoint, run
+
+
+# -- the lr schedule -------------------------------------------------------------------------------
+
+def test_lr_schedule_warms_up_then_decays():
+    total = 100
+    cos = [lr_factor("cosine", 0.1, s, total) for s in range(total)]
+    assert cos[0] == pytest.approx(0.1) and cos[9] == pytest.approx(1.0)  # 10 warm-up steps
+    assert all(a < b for a, b in zip(cos[:9], cos[1:10]))
+    assert all(a >= b for a, b in zip(cos[9:], cos[10:])) and 0 < cos[-1] < 0.01
+    lin = [lr_factor("linear", 0.0, s, total) for s in range(total)]
+    assert lin[0] == 1.0 and lin[50] == pytest.approx(0.5) and lin[-1] == pytest.approx(0.01)
+    assert {lr_factor("constant", 0.0, s, total) for s in range(total)} == {1.0}
+    with pytest.raises(ValueError, match="train.schedule"):
+        lr_factor("step", 0.0, 0, 10)
+
+
+def test_schedule_and_prompt_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match=r"train.warmup: 1.5 must be in \[0, 1\)"):
+        load_config("configs/tiny.yaml", ["train.warmup=1.5"])
+    with pytest.raises(ConfigError, match="train.schedule: 'step' is not one of"):
+        load_config("configs/tiny.yaml", ["train.schedule=step"])
+    with pytest.raises(ConfigError, match=r"data.prompt: the template must contain \{target\}"):
+        load_config("configs/tiny.yaml", ["data.prompt='Liked: {liked} Answer:'"])
+    with pytest.raises(ConfigError, match=r"data.prompt: unknown placeholder\(s\) \['tagret'\]"):
+        load_config("configs/tiny.yaml", ["data.prompt='{liked} {tagret} Answer:'"])
+    with pytest.raises(ConfigError, match="data.protocol: 'talrec' is not one of"):
+        load_config("configs/tiny.yaml", ["data.protocol=talrec"])
+
+
+# -- prompt and item text --------------------------------------------------------------------------
+
+def test_prompt_templates_fill_liked_disliked_and_target():
+    p = render_prompt(["Heat (1995)", "Alien (1979)"], [], "Fargo (1996)")
+    assert p == TALLREC_TEMPLATE.format(liked='"Heat (1995)", "Alien (1979)"', disliked="none", target="Fargo (1996)")
+    assert 'User Preference: "Heat (1995)", "Alien (1979)"\nUser Unpreference: none\n' in p
+    assert p.endswith('Whether the user will like the target movie "Fargo (1996)"?\nAnswer:')
+    own = render_prompt(["A"], ["B"], "C", "{liked} | {disliked} -> {target}? Answer:")
+    assert own == '"A" | "B" -> C? Answer:'  # the template quotes the target if it wants
+    assert render_prompt(["A"], ["B"], "C", PLAIN_TEMPLATE).startswith("Given the user's liked and disliked movies")
+
+
+def test_items_are_written_with_their_year_where_known():
+    items = pd.DataFrame({"item": [1, 2], "title": ["Toy Story", "unknown"], "year": pd.array([1995, None], dtype="Int64")})
+    assert item_texts(items, with_year=True).tolist() == ["Toy Story (1995)", "unknown"]
+    assert item_texts(items).tolist() == ["Toy Story", "unknown"]
+    assert item_texts(items.drop(columns="year"), with_year=True).tolist() == ["Toy Story", "unknown"]
+
+
+def test_tallrec_protocol_keeps_full_windows_and_the_most_recent_samples():
+    # Two users, 14 ratings each, interleaved in time.
+    ratings = pd.DataFrame({"user": np.repeat([1, 2], 14), "item": np.tile(np.arange(1, 15), 2),
+                            "rating": np.tile([5.0, 1.0], 14), "timestamp": np.r_[np.arange(14) * 2, np.arange(14) * 2 + 1]})
+    items = pd.DataFrame({"item": np.arange(1, 15), "title": [f"M{i}" for i in range(1, 15)]})
+    every = build_samples(ratings, items, history_len=10, protocol="tallrec", keep_last=100)
+    assert len(every) == 2 * 4  # targets 11..14 of each user
+    assert (every["liked"].map(len) + every["disliked"].map(len) == 10).all()
+    kept = build_samples(ratings, items, history_len=10, protocol="tallrec", keep_last=5, split=(0.6, 0.2, 0.2))
+    assert kept["timestamp"].tolist() == every["timestamp"].tolist()[-5:]
+    assert kept["split"].tolist() == ["train"] * 3 + ["valid", "test"]
+    glob = build_samples(ratings, items, history_len=10)
+    assert len(glob) == 2 * 13  # the global protocol keeps every rating after a user's first
+
+
+# -- training works ---------------------------------------------------------------------------------
+
+LEARNS = ["data.synthetic.generosity=3.0", "data.synthetic.num_users=120", "data.synthetic.num_clusters=8",
+          "data.max_test_per_client=null", "train.rounds=5", "train.local_steps=10", "train.lr=0.01",
+          "train.schedule=cosine", "train.warmup=0.1", "eval.every=1"]
+
+
+def test_a_short_federated_run_learns_labels_that_follow_the_history(ray_local, tiny_cfg):
+    """Synthetic users whose like-tendency shows in their own history (history-share baseline
+    ~0.92): the tiny model, trained by 3 clients through Ray, must pick it up. Fails when training
+    stops working (a frozen adapter, a wrong label, a broken schedule or aggregation)."""
+    summary = run(tiny_cfg(*LEARNS, "tracking.enabled=false"), log=lambda *a: None)
+    history = load_checkpoint(Path(summary["run_dir"]))["history"]
+    aucs = [h["auc"] for h in history]
+    losses = [h["train_loss"] for h in history]
+    print(f"tiny model, 3 clients: AUC by round {np.round(aucs, 3)}, loss {np.round(losses, 3)}, "
+          f"history share {summary['baselines']['history_share']['auc']:.3f}")
+    assert summary["final"]["rows"] >= 200
+    assert summary["final"]["auc"] >= 0.8 and summary["final"]["auc_ci_low"] > 0.7
+    assert losses[-1] < losses[0] - 0.1  # the loss falls
+    assert aucs[-1] > aucs[0] + 0.1
+
+
+def train_in_process(cfg, tmp: Path) -> tuple[list[float], list[float]]:
+    """fedsim's client and server code without Ray: each round every client trains from what the
+    strategy sends it, the strategy aggregates. Returns (pooled test AUC, mean train loss) per round."""
+    from fedsim.client.executor import ClientExecutor
+    from fedsim.config import to_dict
+    from fedsim.metrics import auc
+    from fedsim.prepare import prepare
+    from fedsim.server.strategy import Update, make_strategy
+
+    info = prepare(cfg, tmp, log=lambda *a: None)
+    ex = ClientExecutor(to_dict(cfg), str(tmp), info["model_path"], 0)
+    strategy = make_strategy(cfg, tmp / "strategy")
+    strategy.initialize(ex.initial_params(), cfg.clients.num)
+    clients = list(range(cfg.clients.num))
+    aucs, losses = [], []
+    for r in range(cfg.train.rounds):
+        lrs = [strategy.client_lr(c, cfg.train.lr) for c in clients]
+        if cfg.executors.fused:
+            out = ex.train_many(clients, r, lrs, clients, *[strategy.params_for(c) for c in clients])
+            done = list(zip(out[0::2], out[1::2]))
+        else:
+            done = [ex.train(c, r, strategy.params_for(c), lr, clients) for c, lr in zip(clients, lrs)]
+        strategy.aggregate(r, [Update(m["client"], d, m["num_samples"], m["weight"], m) for m, d in done])
+        losses.append(float(np.mean([m["loss"] for m, _ in done])))
+        results = [ex.evaluate(c, strategy.params_for(c), "test") for c in clients]
+        aucs.append(auc(np.concatenate([x["labels"] for x in results]), np.concatenate([x["probs"] for x in results])))
+    return aucs, losses
+
+
+# (overrides, least final AUC, least fall of the train loss). Paths that train fewer factors (ffa:
+# B only, A frozen at random) or restart them every round (stack) learn the ranking more slowly per
+# step and barely move the loss in 6 rounds; they get a larger rate (as FFA-LoRA recommends) and a
+# lower bar, measured: ffa 0.83 / 0.015, stack 0.78 / 0.037; the others 0.89-0.91 / 0.1-0.3.
+PATHS = {
+    "ffa": (["strategy.lora_mode=ffa", "train.lr=0.05", "train.rounds=6", "model.lora.r=16", "model.lora.alpha=32"], 0.75, 0.005),
+    "fedsa": (["strategy.lora_mode=fedsa", "train.lr=0.02", "train.rounds=6"], 0.8, 0.1),
+    "stack": (["strategy.lora_mode=stack", "train.rounds=6"], 0.72, 0.01),
+    "fused": (["executors.fused=true"], 0.8, 0.05),
+    "pplr": (["strategy.name=pplr"], 0.8, 0.05),
+    "dp_lora_weak_noise": (["privacy.dp_lora.enabled=true", "privacy.dp_lora.clip=1.0",
+                            "privacy.dp_lora.noise_multiplier=0.01"], 0.8, 0.05),
+}
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_every_training_path_learns(tiny_cfg, tmp_path, path):
+    """Each way a client can train (LoRA sharing modes, fused clients, PPLR's mixing, DP-LoRA at
+    negligible noise) must learn the history signal, not only agree with another path."""
+    overrides, least_auc, least_fall = PATHS[path]
+    aucs, losses = train_in_process(tiny_cfg(*LEARNS, "tracking.enabled=false", *overrides), tmp_path / "run")
+    print(f"{path}: AUC by round {np.round(aucs, 3)}, loss {np.round(losses, 3)}")
+    assert aucs[-1] >= least_auc and aucs[-1] > aucs[0] + 0.05
+    assert losses[-1] < losses[0] - least_fall
+
+
+@pytest.mark.slow
+def test_real_smollm2_learns_on_a_few_hundred_real_rows():
+    """SmolLM2-135M on MovieLens-100K (TALLRec protocol, TALLRec prompt): 192 training rows must
+    lift AUC on 200 fixed test rows far above its zero-shot score (measured 0.4x -> 0.7x)."""
+    import torch
+
+    from fedsim.client.executor import ClientExecutor
+    from fedsim.config import to_dict
+    from fedsim.metrics import auc
+    from fedsim.prepare import prepare
+
+    cfg = load_config("configs/quickstart.yaml", ["tracking.enabled=false", "clients.num=1", "data.max_eval_rows=200",
+                                                  "train.rounds=1", "train.local_steps=24", "train.batch_size=8"])
+    with tempfile.TemporaryDirectory() as tmp:
+        info = prepare(cfg, Path(tmp), log=lambda *a: None)
+        ex = ClientExecutor(to_dict(cfg), tmp, info["model_path"], 0, num_threads=torch.get_num_threads())
+
+        def test_auc(params):
+            r = ex.evaluate(0, params, "test")
+            return auc(r["labels"], r["probs"]), len(r["labels"])
+
+        params = ex.initial_params()
+        before, rows = test_auc(params)
+        meta, delta = ex.train(0, 0, params, cfg.train.lr, [0])
+        after, _ = test_auc(params + delta)
+    print(f"SmolLM2, {meta['num_samples']} rows: test AUC {before:.3f} -> {after:.3f} on {rows} rows, loss {meta['loss']:.3f}")
+    assert rows == 200 and meta["num_samples"] == 192
+    assert after >= 0.65 and after - before >= 0.15
