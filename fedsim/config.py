@@ -176,6 +176,10 @@ class EvalConfig:
     # Clients evaluated: None = every client; an int count or a float fraction (<= 1) of clients.num,
     # a fixed random subset drawn once from train.seed, so every evaluation scores the same clients.
     clients: Optional[Union[int, float]] = None
+    # Rows each evaluated client scores at the evaluations before the last round (a fixed seeded
+    # subset, the same every time); the last evaluation scores every row. None: every row always.
+    # Scoring is most of a CPU run's evaluation cost; a subset still shows the learning curve.
+    interim_rows: Optional[int] = None
 
 
 @dataclass
@@ -452,6 +456,8 @@ def validate(cfg: Config) -> Config:
     elif ec is not None:
         _check(1 <= ec <= c.num, "eval.clients", ec, f"as a count must be in [1, clients.num={c.num}] (null = every client)")
     _check(cfg.eval.batch_size >= 1, "eval.batch_size", cfg.eval.batch_size, "must be >= 1")
+    _check(cfg.eval.interim_rows is None or cfg.eval.interim_rows >= 2, "eval.interim_rows", cfg.eval.interim_rows,
+           "must be >= 2 or null (every row)")
     pp = cfg.strategy.pplr
     for k in ("alpha", "beta", "temperature"):
         _check(getattr(pp, k) > 0, f"strategy.pplr.{k}", getattr(pp, k), "must be > 0")

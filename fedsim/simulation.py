@@ -395,12 +395,14 @@ class Simulation:
         clients = eval_clients(self.cfg)
         self._await_executors()
         refs = ray.get(self.aggregator.params_for.remote(clients, False))
-        pending = {self.executor_for(c).evaluate.remote(c, refs[c], self.cfg.eval.split): (c, None) for c in clients}
+        final = round == self.cfg.train.rounds - 1
+        rows = None if final else self.cfg.eval.interim_rows  # interim evaluations may score a subset
+        pending = {self.executor_for(c).evaluate.remote(c, refs[c], self.cfg.eval.split, rows): (c, None) for c in clients}
         done, _ = self._collect(pending, round, "eval", progress)
         # In client order, not finishing order: the bootstrap interval and predictions.parquet then
         # do not depend on which actor was quicker (a resumed run reproduces them).
         results = sorted((r for _, r, _ in done), key=lambda r: r["client"])
-        if round == self.cfg.train.rounds - 1:  # the final model: keep its per-row predictions
+        if final:  # the final model: keep its per-row predictions
             write_predictions(self.run_dir, results)
         return eval_metrics(results, self.cfg.clients.num, self.cfg.train.seed)
 

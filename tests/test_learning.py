@@ -88,12 +88,13 @@ def test_a_short_federated_run_learns_labels_that_follow_the_history(ray_local, 
     """Synthetic users whose like-tendency shows in their own history (history-share baseline
     ~0.92): the tiny model, trained by 3 clients through Ray, must pick it up. Fails when training
     stops working (a frozen adapter, a wrong label, a broken schedule or aggregation)."""
-    summary = run(tiny_cfg(*LEARNS, "tracking.enabled=false"), log=lambda *a: None)
+    summary = run(tiny_cfg(*LEARNS, "tracking.enabled=false", "eval.interim_rows=20"), log=lambda *a: None)
     history = load_checkpoint(Path(summary["run_dir"]))["history"]
     aucs = [h["auc"] for h in history]
     losses = [h["train_loss"] for h in history]
     print(f"tiny model, 3 clients: AUC by round {np.round(aucs, 3)}, loss {np.round(losses, 3)}, "
           f"history share {summary['baselines']['history_share']['auc']:.3f}")
+    assert [h["rows"] for h in history[:-1]] == [3 * 20] * 4  # interim evaluations: a subset
     assert summary["final"]["rows"] >= 200
     assert summary["final"]["auc"] >= 0.8 and summary["final"]["auc_ci_low"] > 0.7
     assert losses[-1] < losses[0] - 0.1  # the loss falls

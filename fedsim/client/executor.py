@@ -352,9 +352,14 @@ class ClientExecutor:
         return out
 
     @torch.no_grad()
-    def evaluate(self, client: int, params: torch.Tensor, split: str) -> dict:
+    def evaluate(self, client: int, params: torch.Tensor, split: str, max_rows: int | None = None) -> dict:
+        """p(Yes) for the client's rows of `split`; `max_rows`: a fixed seeded subset of them
+        (the same rows at every call, so interim evaluations are comparable with each other)."""
         self._load_params(params, self.store.load(client, LATEST) if self.local else None)
         rows = self._rows(client, split)
+        if max_rows is not None and len(rows) > max_rows:
+            pick = np.random.default_rng(client_seed(self.cfg.train.seed, client, 10**6 + 1)).choice(len(rows), max_rows, replace=False)
+            rows = rows.iloc[np.sort(pick)].reset_index(drop=True)
         probs = []
         bs = self.cfg.eval.batch_size
         for i in range(0, len(rows), bs):
