@@ -9,7 +9,7 @@ def test_defaults_and_quickstart_load():
     assert cfg.model.name == "smollm2-135m" and cfg.clients.num == 4
     assert load_config("configs/tiny.yaml").model.name == "tiny-random"
     flat = flatten(to_dict(cfg))
-    assert flat["train.lr"] == 0.002 and flat["model.lora.r"] == 16 and flat["data.protocol"] == "tallrec"
+    assert flat["train.lr"] == 0.002 and flat["model.lora.r"] == 8 and flat["data.protocol"] == "tallrec"
     assert flat["train.schedule"] == "cosine" and flat["data.max_eval_rows"] >= 500
 
 
