@@ -18,10 +18,10 @@ import ray
 import torch
 import yaml
 from ray.util.placement_group import get_current_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from fedsim.client.executor import ClientExecutor
-from fedsim.client.state import ClientStore
+from fedsim.core.placement import bundle_placement, executor_gpus  # noqa: F401 (tune, tests import them here)
+from fedsim.core.store import ClientStore
 from fedsim.config import Config, clients_per_round, config_from_dict, count_of, flatten, save_config, to_dict
 from fedsim.compare import KEY, paired_vs_baselines
 from fedsim.metrics import accuracy, auc, auc_ci, logloss
@@ -54,22 +54,6 @@ def init_ray(log=print) -> None:
     else:
         # "local": a fresh instance of our own, not whatever cluster happens to run on this machine.
         ray.init(address="local", include_dashboard=False, log_to_driver=True, configure_logging=False)
-
-
-def executor_gpus(cfg: Config, gpus: float) -> float:
-    """GPUs per executor: `auto` shares the `gpus` available evenly among the executors (and the
-    split server, `storage.mode: split`, as one more actor)."""
-    n = (cfg.executors.num or cfg.clients.num) + (cfg.storage.mode == "split")
-    if cfg.executors.num_gpus == "auto":
-        return 1.0 / math.ceil(n / gpus) if gpus else 0.0
-    return float(cfg.executors.num_gpus)
-
-
-def bundle_placement(bundle: int) -> dict:
-    """Actor options that put it in `bundle` of the placement group this process runs in (a `fedsim
-    tune` trial: bundle 0 the trial, bundle i+1 executor i); none outside a placement group."""
-    pg = get_current_placement_group()
-    return {"scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle)} if pg else {}
 
 
 def executor_resources(cfg: Config) -> tuple[int, float, float]:

@@ -30,8 +30,8 @@ import ray
 import torch
 from torch import nn
 
-from fedsim.client.state import state_nbytes
 from fedsim.config import ConfigError
+from fedsim.core.store import state_nbytes
 from fedsim.models.lora import export_state, set_flat
 from fedsim.models.scoring import answer_logits, causal_lm
 

@@ -27,7 +27,8 @@ from __future__ import annotations
 import torch
 
 from fedsim.config import clients_per_round
-from fedsim.postprocessors import ClientContext, Postprocessor, RoundContext
+from fedsim.core.hooks import Postprocessor
+from fedsim.core.update import ClientContext, RoundContext
 from fedsim.privacy import noise_seed
 from fedsim.privacy.accountant import calibrate_noise, epsilon_for, make_accountant
 

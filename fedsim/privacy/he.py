@@ -27,7 +27,8 @@ import uuid
 import numpy as np
 import torch
 
-from fedsim.postprocessors import ClientContext, Postprocessor, RoundContext
+from fedsim.core.hooks import Postprocessor
+from fedsim.core.update import ClientContext, RoundContext
 from fedsim.privacy.summed import one_update, weighted_with_weight
 
 

@@ -71,7 +71,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from fedsim.postprocessors import ClientContext, Postprocessor, RoundContext
+from fedsim.core.hooks import Postprocessor
+from fedsim.core.update import ClientContext, RoundContext
 from fedsim.privacy.summed import one_update, weighted_with_weight
 
 SALT = b"fedsim-secagg-v1"

@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedsim.server.strategy import STRATEGIES, Finish, Strategy, Update, no_finish
+from fedsim.server.base import Finish, Strategy, Update, no_finish
 from fedsim.server.table import DiskTable, MemoryTable
 
 LOSS_CLIP = 1e12
@@ -277,8 +277,3 @@ class PPLR(Strategy):
         self.last_sim = None if state["last_sim"] is None else np.array(state["last_sim"], dtype=np.float64)
         self.last_sim_clients = [int(c) for c in state["last_sim_clients"]]
         self.last_sim_round = state["last_sim_round"]
-
-
-# Registered here, not in strategy.py's dict literal: this module subclasses Strategy, so it can only
-# be defined after strategy.py; strategy.py imports this module at its end, whichever is imported first.
-STRATEGIES[PPLR.name] = PPLR

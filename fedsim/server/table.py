@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from fedsim.client.state import ClientStore
+from fedsim.core.store import ClientStore
 
 
 class MemoryTable:
