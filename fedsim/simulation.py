@@ -316,13 +316,22 @@ class Simulation:
         return pending
 
     def _train_round(self, round: int, progress: Progress) -> tuple[dict, list[int]]:
+        """The loop's round: the round's sampled clients (a function of (seed, round)) train."""
+        return self.train_round(round, sample_clients(self.cfg, round), progress)
+
+    def train_round(self, round: int, clients: list[int], progress: Progress | None = None) -> tuple[dict, list[int]]:
+        """Local training of `clients` (any set: the round's sample, a deletion's affected shard,
+        ...) from what the aggregator holds for them, then one aggregation of their updates.
+        Returns (metrics, the clients that dropped out)."""
         cfg = self.cfg
         t0 = time.perf_counter()
-        sampled = sample_clients(cfg, round)
+        sampled = sorted(int(c) for c in clients)
+        progress = progress or Progress(cfg.train.rounds, round)
         self._await_executors()
         refs = ray.get(self.aggregator.params_for.remote(sampled))
         lrs = ray.get(self.aggregator.client_lrs.remote(sampled, cfg.train.lr))
         pending = self._dispatch_train(round, sampled, refs, lrs)
+        self.trained = sampled  # whose older store entries the round's checkpoint lets go
         done, failures = self._collect(pending, round, "train", progress)
         need = math.ceil(cfg.faults.quorum * len(sampled))
         if len(done) < need:
@@ -434,8 +443,8 @@ class Simulation:
                     "round": r, "strategy": ray.get(self.aggregator.state_dict.remote()), "history": history,
                     "dropped": dropped, "mlflow_run_id": self.tracker.run_id,
                     "wall_seconds": wall_before + time.perf_counter() - t_start})
-                # The checkpoint covers round r now: the sampled clients' older store entries can go.
-                ClientStore(self.run_dir / "client_state").prune(sample_clients(cfg, r), r)
+                # The checkpoint covers round r now: the trained clients' older store entries can go.
+                ClientStore(self.run_dir / "client_state").prune(self.trained, r)
                 ray.get(self.aggregator.after_checkpoint.remote(r))
                 if self.on_round:
                     self.on_round(r, metrics)

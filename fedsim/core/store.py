@@ -137,6 +137,20 @@ class ClientStore:
             for p in old[:-1]:
                 p.unlink(missing_ok=True)
 
+    def delete(self, client: int) -> None:
+        """Forget a client: every saved entry of it (its next round starts from the init)."""
+        for _, p in self._versions(client):
+            p.unlink(missing_ok=True)
+        try:
+            self.client_dir(client).rmdir()
+        except OSError:
+            pass  # gone already, or another process is writing into it
+
+    def reset(self) -> None:
+        """Forget every client."""
+        for c in self.clients():
+            self.delete(c)
+
     def disk_bytes(self, client: int) -> int:
         """Bytes this client's kept versions take on disk."""
         return sum(p.stat().st_size for _, p in self._versions(client))
