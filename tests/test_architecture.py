@@ -11,11 +11,11 @@ ROOT = Path(__file__).resolve().parents[1]
 # client side and the server side are one layer, but client and server never import each other.
 LAYERS = [
     ("core", ["fedsim", "fedsim.core", "fedsim.cache", "fedsim.metrics"]),
-    ("config and data", ["fedsim.config", "fedsim.data"]),
+    ("config schema and data", ["fedsim.schema", "fedsim.data"]),
     ("models", ["fedsim.models"]),
     ("privacy mechanisms", ["fedsim.privacy"]),
     ("chain, client, server", ["fedsim.postprocessors", "fedsim.client", "fedsim.server", "fedsim.baselines"]),
-    ("driver", ["fedsim.prepare", "fedsim.simulation", "fedsim.compare", "fedsim.report", "fedsim.tracking"]),
+    ("driver", ["fedsim.config", "fedsim.prepare", "fedsim.simulation", "fedsim.compare", "fedsim.report", "fedsim.tracking"]),
     ("entry points", ["fedsim.tuning", "fedsim.cli"]),
 ]
 APART = [("fedsim.client", "fedsim.server"), ("fedsim.server", "fedsim.client")]

@@ -9,7 +9,7 @@ import torch
 
 from fedsim.client.trainers import ADAPTERS, TRAINERS, Trainer, adapter_class, local_loop, trainer_class
 from fedsim.config import load_config
-from fedsim.core.capabilities import Capable, missing
+from fedsim.core.capabilities import Capable, conflicts
 from fedsim.core.store import ClientStore
 from fedsim.models.layout import Layout
 from fedsim.models.lora import MODE_ROLES, attach_lora, trainable
@@ -131,18 +131,33 @@ def test_each_mode_is_an_implementation_chosen_from_the_config():
         ADAPTERS["sum"]
 
 
-def test_capabilities_report_unmet_needs():
+def test_a_component_that_breaks_what_another_needs_is_a_conflict_that_names_a_key():
     class Needs(Capable):
-        needs = frozenset({"x"})
+        needs = {"x": "needs x, which {key} {value!r} breaks"}
 
-    class Gives(Capable):
-        provides = frozenset({"x"})
+    class Breaks(Capable):
+        breaks = {"x": None}
 
-    class Hides(Capable):
-        removes = frozenset({"x"})
+    class BreaksAndSays(Capable):
+        breaks = {"x": "cannot be combined with {key}"}
 
-    n, g, h = Needs(), Gives(), Hides()
-    assert missing([n, g]) == [] and missing([n]) == [(n, "x")] and missing([n, g, h]) == [(n, "x")]
+    assert conflicts([("a", 1, Needs)]) == []
+    assert conflicts([("a", 1, Needs), ("b", "v", Breaks)]) == ["a: 1 needs x, which b 'v' breaks"]
+    assert conflicts([("a", 1, Needs), ("c", True, BreaksAndSays)]) == ["c: True cannot be combined with a"]
+
+
+def test_every_declared_conflict_is_between_real_tags():
+    """A need nobody can break, or a break nobody needs, is a typo in a declaration."""
+    from fedsim.client.compiled import Compiled
+    from fedsim.config import PRIVACY
+    from fedsim.client.trainers import STORAGE
+    from fedsim.server.strategy import STRATEGIES
+
+    classes = [*ADAPTERS.classes.values(), *STORAGE.classes.values(), *TRAINERS.classes.values(),
+               *STRATEGIES.classes.values(), Compiled, *(cls for _, cls in PRIVACY)]
+    needed = {t for c in classes for t in c.needs}
+    broken = {t for c in classes for t in c.breaks}
+    assert needed == broken
 
 
 class Counting(Trainer):

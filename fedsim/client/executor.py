@@ -25,18 +25,19 @@ import numpy as np
 import pandas as pd
 import torch
 
+from fedsim.client.compiled import compile_decoder
 from fedsim.client.faults import maybe_crash
 from fedsim.client.schedule import client_lr
 from fedsim.client.seeds import client_seed
 from fedsim.client.trainers import Fused, LocalRun, adapter_class, local_loop, trainer_class
 from fedsim.client.trainers.base import batch_stream  # noqa: F401 (imported from here by older callers)
-from fedsim.config import config_from_dict
 from fedsim.core.store import ClientStore, flat_to_opt_state, opt_state_to_flat
 from fedsim.data.prompt import prompt_template, render_prompt
 from fedsim.models.loader import load_base, quiet_transformers
 from fedsim.models.lora import attach_lora, get_flat
 from fedsim.models.scoring import answer_token_ids, encode, p_yes, preference_loss
 from fedsim.postprocessors import ClientContext, build_postprocessors, run_client_hooks
+from fedsim.schema import config_from_dict
 
 
 LATEST = 2**62  # `before_round` that finds a client's newest saved state
@@ -72,10 +73,8 @@ class ClientExecutor:
         # The client-side mode, chosen once: what is shared / local (adapter), how steps are taken (trainer).
         self.adapter = adapter_class(self.cfg)(self, split_server=split_server)
         self.postprocessors = build_postprocessors(self.cfg, self.adapter.layout.flat_parts("shared"), key_holder)
-        if self.cfg.executors.compile:
-            # The decoder is what training and scoring run; graphs are kept per set-up (peft layers
-            # to evaluate, fused layers to train) with dynamic batch and sequence sizes.
-            self.model.get_base_model().base_model.compile(dynamic=True)
+        if self.cfg.executors.compile:  # a setting, not a mode (fedsim.client.compiled)
+            compile_decoder(self.model)
         self.trainer = trainer_class(self.cfg)(self)
 
     # What tests and tools read off an executor: the adapter's parameter groups (shared: received

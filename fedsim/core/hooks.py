@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import torch
 
+from fedsim.core.capabilities import Capable
 from fedsim.core.update import ClientContext, RoundContext, Update
 
 
-class Postprocessor:
+class Postprocessor(Capable):
     name = "identity"
     # True: the server hooks must run even in a round where no client reported (central DP noise);
     # the aggregator then gives the strategy one zero update.

@@ -30,10 +30,10 @@ import ray
 import torch
 from torch import nn
 
-from fedsim.config import ConfigError
 from fedsim.core.store import state_nbytes
 from fedsim.models.lora import export_state, set_flat
 from fedsim.models.scoring import answer_logits, causal_lm
+from fedsim.schema import ConfigError
 
 PARTS = ("embed_tokens", "layers", "norm", "rotary_emb")
 

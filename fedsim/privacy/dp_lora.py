@@ -48,6 +48,7 @@ def part_masks(layout: list[tuple]) -> dict[str, torch.Tensor]:
 
 class DPLoRA(Postprocessor):
     name = "dp_lora"
+    needs = {"both_parts_uploaded": "clips the A and B parts of an upload apart; {key} {value!r} uploads only one"}
 
     def __init__(self, cfg, layout: list[tuple] | None = None):
         p = cfg.privacy.dp_lora

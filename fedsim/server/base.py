@@ -12,10 +12,11 @@ from pathlib import Path
 
 import torch
 
+from fedsim.core.capabilities import Capable
 from fedsim.core.update import Finish, Update, no_finish  # noqa: F401 (re-exported: strategies take them from here)
 
 
-class Strategy:
+class Strategy(Capable):
     name = "base"
 
     @classmethod

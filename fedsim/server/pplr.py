@@ -105,6 +105,11 @@ def loss_gap_scale(loss: float, all_losses, gamma: float, lo: float, hi: float) 
 
 class PPLR(Strategy):
     name = "pplr"
+    # It mixes each client's whole adapter with the others' (so it needs every client's own update),
+    # and what it applies is no mean of updates (so DP-FedAvg's bound does not hold).
+    needs = {"whole_adapter": "needs whole per-client adapters, which {key} {value!r} does not upload",
+             "each_update": "needs each client's own update, which {key} hides"}
+    breaks = {"mean_of_updates": None}
 
     def __init__(self, alpha: float = 0.7, beta: float = 1.0, temperature: float = 0.05,
                  lr_rule: str = "loss_gap", lr_gamma: float = 0.5, lr_min_scale: float = 0.5,

@@ -16,11 +16,11 @@ import ray
 import torch
 from torch.func import functional_call
 
-from fedsim.config import config_from_dict, to_dict
 from fedsim.core.placement import bundle_placement
 from fedsim.models.loader import load_base, quiet_transformers
 from fedsim.models.lora import attach_lora
 from fedsim.models.split import Middle, decoder_of, layer_lora, layer_ranges, param_count
+from fedsim.schema import config_from_dict, to_dict
 
 
 class SplitServer:

@@ -15,7 +15,10 @@ LATEST = 2**62  # `before_round` that finds a client's newest saved state
 class FedSA(Adapter):
     name = "fedsa"
     roles = {"A": "shared", "B": "local"}
-    provides = frozenset({"mean_of_updates"})
+    breaks = {"both_parts_uploaded": ("cannot be combined with privacy.dp_lora, which clips the A and B parts of an upload apart; "
+                                        "'fedsa' uploads only one of them (use privacy.client_dp)"),
+              "whole_adapter": "needs strategy.name 'fedavg', not {value!r} (PPLR mixes whole per-client adapters)",
+              "layer_roles": "cannot be combined with storage.mode 'split' (use 'separate' or 'ffa')"}
 
     def export(self, params) -> tuple[dict, dict]:
         set_flat(self.shared, params)

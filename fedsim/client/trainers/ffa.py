@@ -9,4 +9,5 @@ from fedsim.client.trainers.base import Adapter
 class FFA(Adapter):
     name = "ffa"
     roles = {"A": "frozen", "B": "shared"}
-    provides = frozenset({"whole_adapter", "mean_of_updates", "layer_split"})
+    breaks = {"both_parts_uploaded": ("cannot be combined with privacy.dp_lora, which clips the A and B parts of an upload apart; "
+                                        "'ffa' uploads only one of them (use privacy.client_dp)")}

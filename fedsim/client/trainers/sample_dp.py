@@ -11,7 +11,8 @@ from fedsim.privacy.dp_sgd import SampleDP
 
 class SampleDPTrainer(Trainer):
     name = "sample_dp"
-    needs = frozenset({"per_sample_grads"})
+    needs = {"per_sample_grads": ("cannot be combined with {key} {value!r} (DP-SGD needs per-sample gradients of the whole "
+                                  "model in one process); use privacy.client_dp or privacy.dp_lora")}
 
     def __init__(self, host):
         super().__init__(host)

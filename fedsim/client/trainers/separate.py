@@ -8,4 +8,3 @@ from fedsim.client.trainers.base import Adapter
 class Separate(Adapter):
     name = "separate"
     roles = {"A": "shared", "B": "shared"}
-    provides = frozenset({"uploads_a_and_b", "whole_adapter", "mean_of_updates", "layer_split"})

@@ -14,8 +14,10 @@ from fedsim.models.split import SplitClient
 
 class Split(Adapter):
     name = "split"
-    provides = frozenset({"layer_split", "whole_adapter", "mean_of_updates"})
-    needs = frozenset({"layer_split"})  # from the LoRA mode it runs with (separate, ffa)
+    # fedsa and stack decide themselves which factors stay local / how the base changes; split
+    # decides by layer. Opacus needs per-sample gradients of every layer in one process.
+    needs = {"layer_roles": "cannot be combined with {key} {value!r}"}
+    breaks = {"per_sample_grads": None, "whole_model_here": None}
 
     def __init__(self, host, split_server=None, **kw):
         self.split_server = split_server

@@ -15,8 +15,12 @@ class Stack(Adapter):
     name = "stack"
     roles = {"A": "shared", "B": "shared"}
     restores_optimizer = False  # a fresh LoRA each round, so a fresh optimizer
-    provides = frozenset({"uploads_a_and_b", "stacked_factors"})
-    needs = frozenset({"each_update"})
+    needs = {"each_factor": "cannot be combined with {key} (stacking needs each client's own factors)"}
+    breaks = {"whole_adapter": "needs strategy.name 'fedavg', not {value!r} (PPLR mixes whole per-client adapters)",
+              "layer_roles": "cannot be combined with storage.mode 'split' (use 'separate' or 'ffa')",
+              # A noisy mean of clipped factor deltas bounds nothing once the server multiplies the factors.
+              "mean_of_updates": ("cannot be combined with privacy.client_dp (DP-FedAvg's bound holds for a mean of "
+                                  "updates, not for stacked products B_k A_k); use 'separate' or 'ffa', or privacy.dp_lora")}
 
     def __init__(self, host, **kw):
         super().__init__(host, **kw)
