@@ -29,11 +29,11 @@ __all__ = ["ClientContext", "Postprocessor", "RoundContext", "build_postprocesso
            "run_server_hooks", "run_update_hooks"]
 
 
-def build_postprocessors(cfg, layout: list[tuple[str, int]] | None = None, key_holder=None) -> list[Postprocessor]:
+def build_postprocessors(cfg, layout: list[tuple] | None = None, key_holder=None) -> list[Postprocessor]:
     """The ordered chain for a config; each feature that lands adds its entry here.
 
-    `layout` ((name, numel) per block of the flat adapter vector, `fedsim.models.lora.flat_layout`)
-    is given by the client executor, which knows the model; the aggregator builds the same chain
+    `layout` ((name, numel, part) per block of the flat adapter vector,
+    `fedsim.models.layout.Layout.flat_parts`) is given by the client executor, which knows the model; the aggregator builds the same chain
     without it (its server hooks, params and state do not need it). `key_holder`: the name of the
     run's CKKS key-holder actor when privacy.he is on (`fedsim.privacy.he.start_key_holder`).
     """

@@ -2,14 +2,16 @@
 clients, each row routed through its own client's adapter; the frozen base model is shared.
 
 Small per-client batches leave a GPU idle (DESIGN.md §6: 13k tokens/s for one client at batch 8,
-~160-360k for 8-32 clients fused). `FusedLoRA` takes the peft LoRA layers of an executor's model
-and, while `installed()`, replaces each by a `FusedLoRALinear` whose adapters are stacked over
-clients, A [C, r, in] and B [C, out, r]:
+~160-360k for 8-32 clients fused). `FusedLoRA` takes the LoRA sites of an executor's model (its
+parameter layout, `fedsim.models.layout`) and, while `installed()`, replaces each by a
+`StackedLoRALinear` (`fedsim.models.routing`) whose adapters are stacked over clients,
+A [C, r, in] and B [C, out, r], routed one-hot (each row through its own client's adapter):
 
     y_i = W x_i + scaling * B[c_i] A[c_i] dropout(x_i)        c_i = the client of row i
 
 as a batched matmul: rows grouped client after client with equal counts reshape to [C, k*T, in]
-(`torch.bmm` against A, B directly); any other mix gathers A[c_i], B[c_i] per row.
+(`torch.bmm` against A, B directly); any other mix gathers A[c_i], B[c_i] per row. (The same layer
+takes non-one-hot per-row weights, for mixing adapters per row.)
 
 Exactness. A row's activations depend only on its own tokens and its own client's adapter
 (attention never crosses rows), so with the loss `sum_c mean_{i in c} loss_i` the gradient reaching

@@ -4,7 +4,8 @@ Aggregation, clipping and noise all work on flat vectors; the order of the entri
 the trainable parameters in the peft model, which is the same in every actor that builds the same
 model with the same LoRA config.
 
-What the flat vector holds depends on `strategy.lora_mode` (`shared_params`):
+What the flat vector holds depends on `strategy.lora_mode`: its roles per factor (`MODE_ROLES`)
+give the parameter layout (`fedsim.models.layout`), whose shared blocks are the vector:
 
 - `separate`: every A and B block (averaged apart by the server, which is inexact:
   mean_k(B_k A_k) != mean_k(B_k) mean_k(A_k)).
