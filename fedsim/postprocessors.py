@@ -14,71 +14,26 @@ what lies inside it (as clip-then-noise, mask-then-unmask need).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
 import torch
 
-if TYPE_CHECKING:
-    from fedsim.server.strategy import Update
+# The interface and the contexts live in fedsim.core (the mechanisms implement it without importing
+# this chain); re-exported here, where callers have always found them.
+from fedsim.core.hooks import Postprocessor
+from fedsim.core.update import ClientContext, RoundContext, Update
+from fedsim.privacy.client_dp import ClientDP
+from fedsim.privacy.dp_lora import DPLoRA
+from fedsim.privacy.he import HEAggregation
+from fedsim.privacy.secagg import SecAgg
+
+__all__ = ["ClientContext", "Postprocessor", "RoundContext", "build_postprocessors", "describe", "run_client_hooks",
+           "run_server_hooks", "run_update_hooks"]
 
 
-@dataclass
-class ClientContext:
-    client: int
-    round: int
-    num_samples: int
-    num_sampled: int  # m: clients sampled this round
-    num_clients: int  # N: clients in the population
-    # This client's persistent state for client hooks (e.g. a privacy accountant), kept in the
-    # client's store between rounds; hooks read and update it in place under their own key.
-    state: dict = field(default_factory=dict)
-    sampled: list[int] = field(default_factory=list)  # the ids of the clients sampled this round
-
-
-@dataclass
-class RoundContext:
-    round: int
-    num_sampled: int
-    num_reported: int
-    num_clients: int
-    sampled: list[int] = field(default_factory=list)  # the ids of the clients sampled this round
-
-
-class Postprocessor:
-    name = "identity"
-    # True: the server hooks must run even in a round where no client reported (central DP noise);
-    # the aggregator then gives the strategy one zero update.
-    noise_every_round = False
-
-    def on_client_update(self, delta: torch.Tensor, weight: float, ctx: ClientContext) -> tuple[torch.Tensor, float, dict]:
-        """Returns the (possibly changed) delta, its aggregation weight, and metrics to report."""
-        return delta, weight, {}
-
-    def on_server_updates(self, updates: list[Update], ctx: RoundContext) -> tuple[list[Update], dict]:
-        """The round's updates as the strategy will receive them (e.g. masked ones replaced by
-        their unmasked aggregate), and metrics to report."""
-        return updates, {}
-
-    def on_server_aggregate(self, step: torch.Tensor, ctx: RoundContext) -> tuple[torch.Tensor, dict]:
-        return step, {}
-
-    def params(self) -> dict:
-        """Derived settings to record as MLflow params (e.g. a calibrated noise multiplier)."""
-        return {}
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-
-def build_postprocessors(cfg, layout: list[tuple[str, int]] | None = None, key_holder=None) -> list[Postprocessor]:
+def build_postprocessors(cfg, layout: list[tuple] | None = None, key_holder=None) -> list[Postprocessor]:
     """The ordered chain for a config; each feature that lands adds its entry here.
 
-    `layout` ((name, numel) per block of the flat adapter vector, `fedsim.models.lora.flat_layout`)
-    is given by the client executor, which knows the model; the aggregator builds the same chain
+    `layout` ((name, numel, part) per block of the flat adapter vector,
+    `fedsim.models.layout.Layout.flat_parts`) is given by the client executor, which knows the model; the aggregator builds the same chain
     without it (its server hooks, params and state do not need it). `key_holder`: the name of the
     run's CKKS key-holder actor when privacy.he is on (`fedsim.privacy.he.start_key_holder`).
     """
@@ -86,22 +41,14 @@ def build_postprocessors(cfg, layout: list[tuple[str, int]] | None = None, key_h
     privacy = getattr(cfg, "privacy", None)
     # Record-level DP-SGD (privacy.sample_dp) is in the client's optimizer, not in this chain.
     if privacy is not None and privacy.dp_lora.enabled:
-        from fedsim.privacy.dp_lora import DPLoRA
-
         chain.append(DPLoRA(cfg, layout))
     if privacy is not None and privacy.client_dp.enabled:
-        from fedsim.privacy.client_dp import ClientDP
-
         chain.append(ClientDP(cfg))
     # Secure aggregation (masks or CKKS) last: every other client hook changes the plaintext before it is masked,
     # and the masked sum is opened before every other server hook (e.g. central DP noise) runs.
     if privacy is not None and privacy.secagg.enabled:
-        from fedsim.privacy.secagg import SecAgg
-
         chain.append(SecAgg(cfg))
     if privacy is not None and privacy.he.enabled:  # the same place as SecAgg (the config allows one)
-        from fedsim.privacy.he import HEAggregation
-
         chain.append(HEAggregation(cfg, key_holder))
     return chain
 

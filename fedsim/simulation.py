@@ -18,10 +18,10 @@ import ray
 import torch
 import yaml
 from ray.util.placement_group import get_current_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from fedsim.client.executor import ClientExecutor
-from fedsim.client.state import ClientStore
+from fedsim.core.placement import bundle_placement, executor_gpus  # noqa: F401 (tune, tests import them here)
+from fedsim.core.store import ClientStore
 from fedsim.config import Config, clients_per_round, config_from_dict, count_of, flatten, save_config, to_dict
 from fedsim.compare import KEY, paired_vs_baselines
 from fedsim.metrics import accuracy, auc, auc_ci, logloss
@@ -54,22 +54,6 @@ def init_ray(log=print) -> None:
     else:
         # "local": a fresh instance of our own, not whatever cluster happens to run on this machine.
         ray.init(address="local", include_dashboard=False, log_to_driver=True, configure_logging=False)
-
-
-def executor_gpus(cfg: Config, gpus: float) -> float:
-    """GPUs per executor: `auto` shares the `gpus` available evenly among the executors (and the
-    split server, `storage.mode: split`, as one more actor)."""
-    n = (cfg.executors.num or cfg.clients.num) + (cfg.storage.mode == "split")
-    if cfg.executors.num_gpus == "auto":
-        return 1.0 / math.ceil(n / gpus) if gpus else 0.0
-    return float(cfg.executors.num_gpus)
-
-
-def bundle_placement(bundle: int) -> dict:
-    """Actor options that put it in `bundle` of the placement group this process runs in (a `fedsim
-    tune` trial: bundle 0 the trial, bundle i+1 executor i); none outside a placement group."""
-    pg = get_current_placement_group()
-    return {"scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle)} if pg else {}
 
 
 def executor_resources(cfg: Config) -> tuple[int, float, float]:
@@ -343,13 +327,22 @@ class Simulation:
         return pending
 
     def _train_round(self, round: int, progress: Progress) -> tuple[dict, list[int]]:
+        """The loop's round: the round's sampled clients (a function of (seed, round)) train."""
+        return self.train_round(round, sample_clients(self.cfg, round), progress)
+
+    def train_round(self, round: int, clients: list[int], progress: Progress | None = None) -> tuple[dict, list[int]]:
+        """Local training of `clients` (any set: the round's sample, a deletion's affected shard,
+        ...) from what the aggregator holds for them, then one aggregation of their updates.
+        Returns (metrics, the clients that dropped out)."""
         cfg = self.cfg
         t0 = time.perf_counter()
-        sampled = sample_clients(cfg, round)
+        sampled = sorted(int(c) for c in clients)
+        progress = progress or Progress(cfg.train.rounds, round)
         self._await_executors()
         refs = ray.get(self.aggregator.params_for.remote(sampled))
         lrs = ray.get(self.aggregator.client_lrs.remote(sampled, cfg.train.lr))
         pending = self._dispatch_train(round, sampled, refs, lrs)
+        self.trained = sampled  # whose older store entries the round's checkpoint lets go
         done, failures = self._collect(pending, round, "train", progress)
         need = math.ceil(cfg.faults.quorum * len(sampled))
         if len(done) < need:
@@ -465,8 +458,8 @@ class Simulation:
                     "round": r, "strategy": ray.get(self.aggregator.state_dict.remote()), "history": history,
                     "dropped": dropped, "mlflow_run_id": self.tracker.run_id,
                     "wall_seconds": wall_before + time.perf_counter() - t_start})
-                # The checkpoint covers round r now: the sampled clients' older store entries can go.
-                ClientStore(self.run_dir / "client_state").prune(sample_clients(cfg, r), r)
+                # The checkpoint covers round r now: the trained clients' older store entries can go.
+                ClientStore(self.run_dir / "client_state").prune(self.trained, r)
                 ray.get(self.aggregator.after_checkpoint.remote(r))
                 if self.on_round:
                     self.on_round(r, metrics)

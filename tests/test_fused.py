@@ -117,7 +117,10 @@ def test_fused_stack_mode_trains_on_the_merged_base_as_one_by_one(executor):
         assert many.merged_version == one.merged_version == r
         for c, (ms, ds), mf, df in zip(CLIENTS, seq, flat[0::2], flat[1::2]):
             assert mf["loss"] == pytest.approx(ms["loss"], rel=1e-5)
-            assert_close(df, ds, f"round {r} client {c} delta")
+            # Round 2 trains on a base that already differs by float32 rounding; AdamW divides by
+            # sqrt(v), which turns a rounding-sized gradient difference on a near-zero gradient into
+            # a few 1e-6 of delta (measured: 1 entry of 1792 at 5.3e-6 with TALLRec's prompt).
+            torch.testing.assert_close(df, ds, rtol=1e-4, atol=1e-5, msg=lambda m: f"round {r} client {c} delta: {m}")
         strategy.aggregate(r, [Update(m["client"], d, m["num_samples"], m["weight"], m) for m, d in seq])
 
 

@@ -8,7 +8,7 @@ import torch
 
 from fedsim.config import LoraConfig
 from fedsim.data.movielens import load_movielens_100k
-from fedsim.data.prompt import render_prompt
+from fedsim.data.prompt import PLAIN_TEMPLATE, render_prompt
 from fedsim.data.samples import build_samples
 from fedsim.models.loader import fetch_smollm2, load_base
 from fedsim.models.lora import attach_lora, get_flat, trainable
@@ -44,7 +44,7 @@ def test_lora_training_on_real_rows_moves_the_real_model(smollm2, movielens_rows
     before = get_flat(params)
     yes, no = answer_token_ids(tok)
     rows = movielens_rows
-    batch = encode(tok, [render_prompt(a, b, t) for a, b, t in zip(rows["liked"], rows["disliked"], rows["title"])],
+    batch = encode(tok, [render_prompt(a, b, t, PLAIN_TEMPLATE) for a, b, t in zip(rows["liked"], rows["disliked"], rows["title"])],
                    256, "cpu")
     labels = torch.tensor(rows["label"].to_numpy())
     opt = torch.optim.AdamW(params, lr=5e-3)

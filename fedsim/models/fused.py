@@ -2,14 +2,16 @@
 clients, each row routed through its own client's adapter; the frozen base model is shared.
 
 Small per-client batches leave a GPU idle (DESIGN.md §6: 13k tokens/s for one client at batch 8,
-~160-360k for 8-32 clients fused). `FusedLoRA` takes the peft LoRA layers of an executor's model
-and, while `installed()`, replaces each by a `FusedLoRALinear` whose adapters are stacked over
-clients, A [C, r, in] and B [C, out, r]:
+~160-360k for 8-32 clients fused). `FusedLoRA` takes the LoRA sites of an executor's model (its
+parameter layout, `fedsim.models.layout`) and, while `installed()`, replaces each by a
+`StackedLoRALinear` (`fedsim.models.routing`) whose adapters are stacked over clients,
+A [C, r, in] and B [C, out, r], routed one-hot (each row through its own client's adapter):
 
     y_i = W x_i + scaling * B[c_i] A[c_i] dropout(x_i)        c_i = the client of row i
 
 as a batched matmul: rows grouped client after client with equal counts reshape to [C, k*T, in]
-(`torch.bmm` against A, B directly); any other mix gathers A[c_i], B[c_i] per row.
+(`torch.bmm` against A, B directly); any other mix gathers A[c_i], B[c_i] per row. (The same layer
+takes non-one-hot per-row weights, for mixing adapters per row.)
 
 Exactness. A row's activations depend only on its own tokens and its own client's adapter
 (attention never crosses rows), so with the loss `sum_c mean_{i in c} loss_i` the gradient reaching
@@ -34,27 +36,10 @@ import contextlib
 import warnings
 
 import torch
-import torch.nn.functional as F
 
-from fedsim.models.lora import get_flat, lora_layers, set_flat
-
-class Route:
-    """Which client slot each row of the current batch belongs to (rows are in slot order)."""
-
-    def __init__(self, num_clients: int, device):
-        self.num_clients, self.device = num_clients, device
-        self.idx: torch.Tensor | None = None
-        # (lo, hi) when the batch is slots lo..hi-1 with the same number of rows each
-        self.span: tuple[int, int] | None = None
-
-    def set(self, counts: list[int]) -> None:
-        if len(counts) != self.num_clients or not any(counts):
-            raise ValueError(f"route: counts {counts} for {self.num_clients} client slots")
-        self.counts = torch.tensor(counts, dtype=torch.long)
-        self.idx = torch.repeat_interleave(torch.arange(self.num_clients), self.counts).to(self.device)
-        used = [i for i, k in enumerate(counts) if k]
-        lo, hi = used[0], used[-1] + 1
-        self.span = (lo, hi) if all(counts[i] == counts[lo] for i in range(lo, hi)) else None
+from fedsim.models.layout import Layout
+from fedsim.models.lora import get_flat, set_flat
+from fedsim.models.routing import Route, StackedLoRALinear
 
 
 def chunks(counts: list[int], max_rows: int | None) -> list[list[int]]:
@@ -73,37 +58,7 @@ def chunks(counts: list[int], max_rows: int | None) -> list[list[int]]:
     return out
 
 
-class FusedLoRALinear(torch.nn.Module):
-    """A frozen linear layer plus one LoRA per client slot, chosen per row by `route`."""
-
-    def __init__(self, base: torch.nn.Module, A: torch.Tensor, B: torch.Tensor, scaling: float, dropout: float,
-                 route: Route):
-        super().__init__()
-        self.base, self.A, self.B = base, A, B
-        self.scaling, self.dropout, self.route = scaling, dropout, route
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        if self.dropout and self.training:
-            x = F.dropout(x, self.dropout, True)
-        A, B = self.A.to(x.dtype), self.B.to(x.dtype)
-        n = x.shape[0]
-        x3 = x.reshape(n, -1, x.shape[-1])
-        if self.route.span is not None:  # client after client, k rows each: one bmm per factor
-            lo, hi = self.route.span
-            xs = x3.reshape(hi - lo, -1, x.shape[-1])
-            d = torch.bmm(torch.bmm(xs, A[lo:hi].mT), B[lo:hi].mT)
-        else:  # any mix: each row's own factors
-            idx = self.route.idx
-            d = torch.bmm(torch.bmm(x3, A[idx].mT), B[idx].mT)
-        return y + d.reshape(y.shape) * self.scaling
-
-
-def _lora_layers(model) -> list[tuple[str, torch.nn.Module]]:
-    out = lora_layers(model)
-    if not out:
-        raise ValueError("fused training: the model has no LoRA layers")
-    return out
+FusedLoRALinear = StackedLoRALinear  # the name fused training has always used
 
 
 def _stacked_views(params: list[torch.Tensor], num_clients: int, device, requires_grad: bool):
@@ -125,11 +80,13 @@ class FusedLoRA:
     `params`); every other LoRA factor is frozen (ffa's A) and stacked apart.
     """
 
-    def __init__(self, model, num_clients: int, trainable: list[torch.nn.Parameter]):
+    def __init__(self, model, num_clients: int, trainable: list[torch.nn.Parameter], layout: Layout | None = None):
         self.model, self.num_clients = model, num_clients
-        self.layers = _lora_layers(model)
-        factors = [layer.lora_A["default"].weight for _, layer in self.layers] + \
-                  [layer.lora_B["default"].weight for _, layer in self.layers]
+        # The layout says where the factors are (default: the model's LoRA as it is now).
+        self.sites = (layout or Layout.of(model)).sites
+        if not self.sites:
+            raise ValueError("fused training: the model has no LoRA layers")
+        factors = [site.A for site in self.sites] + [site.B for site in self.sites]
         ids = {id(p) for p in trainable}
         extra = [p for p in trainable if id(p) not in {id(f) for f in factors}]
         if extra:
@@ -167,17 +124,14 @@ class FusedLoRA:
     def installed(self):
         """The model runs through the fused layers inside the block, its peft layers after it."""
         swapped = []
-        for name, layer in self.layers:
-            parent_name, _, attr = name.rpartition(".")
+        for site in self.sites:
+            parent_name, _, attr = site.name.rpartition(".")
             parent = self.model.get_submodule(parent_name)
-            A = self.stacked[id(layer.lora_A["default"].weight)]
-            B = self.stacked[id(layer.lora_B["default"].weight)]
-            drop = layer.lora_dropout["default"]
-            fused = FusedLoRALinear(layer.base_layer, A, B, float(layer.scaling["default"]),
-                                    float(getattr(drop, "p", 0.0)), self.route)
-            fused.train(layer.training)
+            fused = StackedLoRALinear(site.layer.base_layer, self.stacked[id(site.A)], self.stacked[id(site.B)],
+                                      site.scaling, site.dropout, self.route)
+            fused.train(site.layer.training)
             setattr(parent, attr, fused)
-            swapped.append((parent, attr, layer))
+            swapped.append((parent, attr, site.layer))
         try:
             yield self
         finally:

@@ -4,7 +4,8 @@ Aggregation, clipping and noise all work on flat vectors; the order of the entri
 the trainable parameters in the peft model, which is the same in every actor that builds the same
 model with the same LoRA config.
 
-What the flat vector holds depends on `strategy.lora_mode` (`shared_params`):
+What the flat vector holds depends on `strategy.lora_mode`: its roles per factor (`MODE_ROLES`)
+give the parameter layout (`fedsim.models.layout`), whose shared blocks are the vector:
 
 - `separate`: every A and B block (averaged apart by the server, which is inexact:
   mean_k(B_k A_k) != mean_k(B_k) mean_k(A_k)).
@@ -22,6 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from fedsim.models.layout import Layout, lora_sites, part_of_name  # noqa: F401 (lora_sites: callers import it here)
 
 PARTS = ("lora_A", "lora_B")
 
@@ -89,42 +92,40 @@ def export_state(model, flat: torch.Tensor, extra: dict[str, torch.Tensor] | Non
 
 
 # ---------------------------------------------------------------------------------------------
-# LoRA modes: which parameters are trained, shared and kept local
+# LoRA modes: which parameters are trained, shared and kept local (`fedsim.models.layout` says it;
+# these are the names older callers use)
+
+MODE_ROLES = {
+    "separate": {"A": "shared", "B": "shared"},
+    "stack": {"A": "shared", "B": "shared"},
+    "ffa": {"A": "frozen", "B": "shared"},  # A stays at the shared-seed init in every client
+    "fedsa": {"A": "shared", "B": "local"},  # each client's B stays with it
+}
+
+
+def mode_layout(model, mode: str) -> Layout:
+    """The layout of `strategy.lora_mode` `mode` (sets which factors train)."""
+    return Layout.of(model, MODE_ROLES[mode])
 
 
 def lora_part(name: str) -> str | None:
     """'lora_A' or 'lora_B' for a LoRA factor's parameter name, None for anything else."""
-    hits = [p for p in PARTS if f".{p}." in f".{name}."]
-    return hits[0] if len(hits) == 1 else None
+    return part_of_name(name)
 
 
 def freeze_lora_A(model) -> None:
     """FFA-LoRA: keep every A block at its (shared-seed) initialisation; only B is trained."""
-    for name, p in model.named_parameters():
-        if lora_part(name) == "lora_A":
-            p.requires_grad_(False)
-
-
-def _trainable_named(model, mode: str) -> list[tuple[str, torch.nn.Parameter]]:
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if mode == "fedsa":
-        odd = [n for n, _ in named if lora_part(n) is None]
-        if odd:
-            raise ValueError(f"strategy.lora_mode 'fedsa': trainable parameter {odd[0]!r} is neither a lora_A "
-                             f"nor a lora_B weight")
-    return named
+    mode_layout(model, "ffa")
 
 
 def shared_params(model, mode: str) -> list[tuple[str, torch.nn.Parameter]]:
     """(name, parameter) of what crosses the wire in `mode`, in flat-vector order."""
-    named = _trainable_named(model, mode)
-    return [(n, p) for n, p in named if lora_part(n) == "lora_A"] if mode == "fedsa" else named
+    return mode_layout(model, mode).named("shared")
 
 
 def local_params(model, mode: str) -> list[tuple[str, torch.nn.Parameter]]:
     """(name, parameter) of what is trained but never leaves the client (fedsa: the B blocks)."""
-    named = _trainable_named(model, mode)
-    return [(n, p) for n, p in named if lora_part(n) == "lora_B"] if mode == "fedsa" else []
+    return mode_layout(model, mode).named("local")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,26 +158,22 @@ class LoraModule:
 
 def lora_layers(model) -> list[tuple[str, torch.nn.Module]]:
     """(name, module) of every peft LoRA layer with the default adapter, in module order."""
-    return [(n, m) for n, m in model.named_modules()
-            if hasattr(m, "lora_A") and hasattr(m, "base_layer") and "default" in m.lora_A]
+    return [(site.name, site.layer) for site in lora_sites(model)]
 
 
-def lora_modules(model) -> list[LoraModule]:
-    """The geometry of every LoRA layer, for a model whose trainable parameters are exactly the A and
-    B blocks (offsets are into `get_flat(trainable(model))`)."""
-    offsets, i = {}, 0
-    for name, k in flat_layout(model):
-        offsets[name] = i
-        i += k
+def lora_modules(model, layout: Layout | None = None) -> list[LoraModule]:
+    """The geometry of every LoRA layer, for a layout whose trainable blocks are exactly the A and
+    B factors (offsets are into the flat vector of the trainable blocks)."""
+    layout = layout or Layout.of(model)
+    offsets = layout.offsets("shared", "local")
     out = []
-    for name, module in lora_layers(model):
-        a_name, b_name = f"{name}.lora_A.default.weight", f"{name}.lora_B.default.weight"
-        if a_name not in offsets or b_name not in offsets:
-            raise ValueError(f"LoRA layer {name}: its A and B must both be trainable to stack them")
-        A, B = module.lora_A["default"].weight, module.lora_B["default"].weight
-        weight = name.removeprefix("base_model.model.") + ".weight"
-        out.append(LoraModule(name, weight, offsets[a_name], offsets[b_name], A.shape[0], A.shape[1], B.shape[0],
-                              float(module.scaling["default"])))
+    for site in layout.sites:
+        A, B = site.A, site.B
+        if id(A) not in offsets or id(B) not in offsets:
+            raise ValueError(f"LoRA layer {site.name}: its A and B must both be trainable to stack them")
+        weight = site.name.removeprefix("base_model.model.") + ".weight"
+        out.append(LoraModule(site.name, weight, offsets[id(A)], offsets[id(B)], A.shape[0], A.shape[1], B.shape[0],
+                              site.scaling))
     if not out:
         raise ValueError("the model has no LoRA layers")
     return out

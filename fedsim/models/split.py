@@ -30,10 +30,11 @@ import ray
 import torch
 from torch import nn
 
-from fedsim.client.state import state_nbytes
-from fedsim.config import ConfigError
+from fedsim.core.store import state_nbytes
+from fedsim.models.layout import Layout
 from fedsim.models.lora import export_state, set_flat
 from fedsim.models.scoring import answer_logits, causal_lm
+from fedsim.schema import ConfigError
 
 PARTS = ("embed_tokens", "layers", "norm", "rotary_emb")
 
@@ -125,8 +126,9 @@ class Middle(nn.Module):
 
 
 def layer_lora(inner, indices: list[int]) -> list[tuple[str, nn.Parameter]]:
-    """(name, parameter) of every LoRA weight in these layers, named as in `Middle`."""
-    return [(f"layers.{i}.{n}", p) for i in indices for n, p in inner.layers[i].named_parameters() if "lora_" in n]
+    """(name, parameter) of every LoRA weight in these layers (their parameter layout's blocks, in
+    order), named as in `Middle`."""
+    return [(f"layers.{i}.{b.name}", b.param) for i in indices for b in Layout.of(inner.layers[i]).blocks]
 
 
 # ---------------------------------------------------------------------------------------------

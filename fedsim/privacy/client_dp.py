@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import torch
 
-from fedsim.config import clients_per_round
-from fedsim.postprocessors import ClientContext, Postprocessor, RoundContext
+from fedsim.core.hooks import Postprocessor
+from fedsim.core.update import ClientContext, RoundContext
 from fedsim.privacy import noise_seed
 from fedsim.privacy.accountant import calibrate_noise, epsilon_for, make_accountant
+from fedsim.schema import clients_per_round
 
 NOISE_TAG = 0xC11E
 
@@ -45,6 +46,9 @@ def clip_to(v: torch.Tensor, clip: float) -> tuple[torch.Tensor, float]:
 
 class ClientDP(Postprocessor):
     name = "client_dp"
+    # The noise is scaled to a uniform mean of clipped updates, taken once per round; a rule that
+    # mixes updates otherwise (or finishes one step per client) breaks the bound.
+    needs = {"mean_of_updates": "needs strategy.name 'fedavg' (DP-FedAvg), not {value!r}"}
     noise_every_round = True
 
     def __init__(self, cfg):

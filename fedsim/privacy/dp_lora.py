@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import torch
 
-from fedsim.postprocessors import ClientContext, Postprocessor
+from fedsim.core.hooks import Postprocessor
+from fedsim.core.update import ClientContext
+from fedsim.models.layout import part_of_name
 from fedsim.privacy import noise_seed
 from fedsim.privacy.accountant import make_accountant
 from fedsim.privacy.client_dp import clip_to
@@ -25,17 +27,19 @@ NOISE_TAG = 0xD910
 PARTS = ("lora_A", "lora_B")
 
 
-def part_masks(layout: list[tuple[str, int]]) -> dict[str, torch.Tensor]:
-    """Boolean masks over the flat adapter vector: which entries are LoRA A, which are LoRA B."""
-    n = sum(k for _, k in layout)
+def part_masks(layout: list[tuple]) -> dict[str, torch.Tensor]:
+    """Boolean masks over the flat adapter vector: which entries are LoRA A, which are LoRA B.
+    `layout`: (name, entries, part) per block as `fedsim.models.layout.Layout.flat_parts` gives it
+    (part "A" / "B"); a bare (name, entries) pair has its part read from the name."""
+    n = sum(block[1] for block in layout)
     masks = {p: torch.zeros(n, dtype=torch.bool) for p in PARTS}
     i = 0
-    for name, k in layout:
-        hits = [p for p in PARTS if f".{p}." in f".{name}."]
-        if len(hits) != 1:
+    for name, k, *part in layout:
+        hit = f"lora_{part[0]}" if part else part_of_name(name)
+        if hit not in masks:
             raise ValueError(f"privacy.dp_lora: trainable parameter {name!r} is neither a lora_A nor a lora_B "
                              f"weight; DP-LoRA needs an adapter made only of LoRA A and B blocks")
-        masks[hits[0]][i:i + k] = True
+        masks[hit][i:i + k] = True
         i += k
     if not all(m.any() for m in masks.values()):
         raise ValueError("privacy.dp_lora: the adapter has no lora_A or no lora_B weights")
@@ -44,8 +48,9 @@ def part_masks(layout: list[tuple[str, int]]) -> dict[str, torch.Tensor]:
 
 class DPLoRA(Postprocessor):
     name = "dp_lora"
+    needs = {"both_parts_uploaded": "clips the A and B parts of an upload apart; {key} {value!r} uploads only one"}
 
-    def __init__(self, cfg, layout: list[tuple[str, int]] | None = None):
+    def __init__(self, cfg, layout: list[tuple] | None = None):
         p = cfg.privacy.dp_lora
         self.clip, self.noise_multiplier, self.delta = p.clip, p.noise_multiplier, p.delta
         self.seed = cfg.train.seed
@@ -53,7 +58,7 @@ class DPLoRA(Postprocessor):
 
     def on_client_update(self, delta: torch.Tensor, weight: float, ctx: ClientContext):
         if self.masks is None:
-            raise RuntimeError("DPLoRA needs the adapter layout: build_postprocessors(cfg, layout=flat_layout(model))")
+            raise RuntimeError("DPLoRA needs the adapter layout: build_postprocessors(cfg, layout=Layout.flat_parts(...))")
         gen = torch.Generator().manual_seed(noise_seed(self.seed, ctx.client, ctx.round, NOISE_TAG))
         out = delta.clone()
         metrics = {}

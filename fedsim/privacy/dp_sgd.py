@@ -100,27 +100,51 @@ class SampleDP:
                                self.p.accountant, key="privacy.sample_dp.epsilon",
                                unit=f"local steps (train.rounds={self.rounds} x {local_steps})")
 
-    def train(self, opt: torch.optim.Optimizer, loss_of: Callable[[np.ndarray], torch.Tensor], num_rows: int,
-              steps: int, rng: np.random.Generator, client: int, round: int, state: dict,
-              before_step: Callable[[int], None] = lambda step: None) -> tuple[list, int, dict]:
-        """`steps` DP-SGD steps with `opt` for one client; updates the client's accountant in
-        `state["sample_dp"]`. Returns (batch losses, rows used, metrics)."""
+    def begin(self, opt: torch.optim.Optimizer, num_rows: int, steps: int, client: int, round: int,
+              state: dict) -> "DPRun":
+        """One client's DP-SGD run: its noise multiplier, its accountant from `state`, `opt` wrapped."""
         q = self.sample_rate(num_rows)
         z = self.noise_multiplier(num_rows, steps)
         acc = make_accountant(self.p.accountant)
         if "sample_dp" in state:
             acc.load_state_dict(state["sample_dp"])
-        dp_opt = dp_optimizer(opt, z, self.p.max_grad_norm, q * num_rows,
-                              noise_seed(self.seed, client, round, NOISE_TAG))
+        dp_opt = dp_optimizer(opt, z, self.p.max_grad_norm, q * num_rows, noise_seed(self.seed, client, round, NOISE_TAG))
+        return DPRun(self, dp_opt, num_rows, steps, q, z, acc, state)
+
+    def train(self, opt: torch.optim.Optimizer, loss_of: Callable[[np.ndarray], torch.Tensor], num_rows: int,
+              steps: int, rng: np.random.Generator, client: int, round: int, state: dict,
+              before_step: Callable[[int], None] = lambda step: None) -> tuple[list, int, dict]:
+        """`steps` DP-SGD steps with `opt` for one client; updates the client's accountant in
+        `state["sample_dp"]`. Returns (batch losses, rows used, metrics). (The executor runs the
+        same pieces, `begin` / `DPRun.batch` / `DPRun.step` / `DPRun.finish`, in its shared loop.)"""
+        run = self.begin(opt, num_rows, steps, client, round, state)
         losses, seen = [], 0
         for step in range(steps):
             before_step(step)  # the lr schedule
-            idx = poisson_batch(rng, num_rows, q)
-            loss = dp_step(dp_opt, self.params, loss_of, idx)
+            idx = run.batch(rng)
+            loss = run.step(loss_of, idx)
             if loss is not None:
                 losses.append(loss)
             seen += len(idx)
-        acc.step(z, q, steps)
-        state["sample_dp"] = acc.state_dict()
-        return losses, seen, {"dp/sample_epsilon": acc.get_epsilon(self.p.delta), "dp/sample_noise_multiplier": z,
-                              "dp/sample_rate": q}
+        return losses, seen, run.finish()
+
+
+class DPRun:
+    """One client's DP-SGD in progress (what `SampleDP.begin` sets up)."""
+
+    def __init__(self, sdp: SampleDP, dp_opt, num_rows: int, steps: int, q: float, z: float, acc, state: dict):
+        self.sdp, self.dp_opt, self.num_rows, self.steps = sdp, dp_opt, num_rows, steps
+        self.q, self.z, self.acc, self.state = q, z, acc, state
+
+    def batch(self, rng: np.random.Generator) -> np.ndarray:
+        return poisson_batch(rng, self.num_rows, self.q)
+
+    def step(self, loss_of: Callable[[np.ndarray], torch.Tensor], idx: np.ndarray) -> float | None:
+        return dp_step(self.dp_opt, self.sdp.params, loss_of, idx)
+
+    def finish(self) -> dict:
+        """The client's accountant takes this run's steps; its metrics."""
+        self.acc.step(self.z, self.q, self.steps)
+        self.state["sample_dp"] = self.acc.state_dict()
+        return {"dp/sample_epsilon": self.acc.get_epsilon(self.sdp.p.delta), "dp/sample_noise_multiplier": self.z,
+                "dp/sample_rate": self.q}

@@ -27,7 +27,8 @@ import uuid
 import numpy as np
 import torch
 
-from fedsim.postprocessors import ClientContext, Postprocessor, RoundContext
+from fedsim.core.hooks import Postprocessor
+from fedsim.core.update import ClientContext, RoundContext
 from fedsim.privacy.summed import one_update, weighted_with_weight
 
 
@@ -153,6 +154,11 @@ def _call(holder, method: str, *args):
 
 class HEAggregation(Postprocessor):
     name = "he"
+    needs = {"plain_uploads": "and privacy.secagg.enabled are two ways to hide the updates from the server; enable one"}
+    # The server learns only the sum of the updates: a rule needing each client's own update
+    # (PPLR's per-client mixing, stacking the clients' LoRA factors) cannot run on it.
+    breaks = {"each_update": "needs strategy.name 'fedavg' (the server sees only the sum of the updates), not {value!r}",
+              "each_factor": "cannot be combined with strategy.lora_mode 'stack', which needs each client's own factors"}
 
     def __init__(self, cfg, key_holder=None):
         _ts()  # a missing optional extra fails here, when the chain is built, not mid-round

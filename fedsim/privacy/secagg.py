@@ -71,7 +71,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from fedsim.postprocessors import ClientContext, Postprocessor, RoundContext
+from fedsim.core.hooks import Postprocessor
+from fedsim.core.update import ClientContext, RoundContext
 from fedsim.privacy.summed import one_update, weighted_with_weight
 
 SALT = b"fedsim-secagg-v1"
@@ -262,12 +263,17 @@ def ring_sum(vectors: list[np.ndarray], bits: int) -> np.ndarray:
 
 class SecAgg(Postprocessor):
     name = "secagg"
+    # The server learns only the sum of the updates: a rule needing each client's own update
+    # (PPLR's per-client mixing, stacking the clients' LoRA factors) cannot run on it.
+    breaks = {"each_update": "needs strategy.name 'fedavg' (the server sees only the sum of the updates), not {value!r}",
+              "each_factor": "cannot be combined with strategy.lora_mode 'stack', which needs each client's own factors",
+              "plain_uploads": None}  # what it sends are masks, not the plaintext another scheme would hide
 
     def __init__(self, cfg):
         p = cfg.privacy.secagg
         self.bits, self.scale_bits = p.bits, p.scale_bits
         self.seed = cfg.train.seed
-        from fedsim.config import clients_per_round
+        from fedsim.schema import clients_per_round
 
         self.per_round = clients_per_round(cfg)
 

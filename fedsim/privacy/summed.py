@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fedsim.core.update import Update
+
 
 def weighted_with_weight(delta: torch.Tensor, weight: float) -> np.ndarray:
     d = delta.detach().cpu().double().numpy()
@@ -21,8 +23,6 @@ def weighted_with_weight(delta: torch.Tensor, weight: float) -> np.ndarray:
 
 def one_update(total: np.ndarray, updates: list, round: int, who: str, metrics: dict):
     """The strategy's single update from the opened sum of the reporting clients' x."""
-    from fedsim.server.strategy import Update
-
     weight_sum = float(total[-1])
     if not weight_sum > 0:
         raise ValueError(f"{who}: round {round + 1}: the reporting clients' weights sum to {weight_sum}")

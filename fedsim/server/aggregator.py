@@ -6,9 +6,10 @@ from pathlib import Path
 import ray
 import torch
 
-from fedsim.client.state import state_nbytes
+from fedsim.core.store import state_nbytes
 from fedsim.postprocessors import RoundContext, build_postprocessors, run_server_hooks, run_update_hooks
-from fedsim.server.strategy import Update, make_strategy
+from fedsim.core.update import Update
+from fedsim.server.strategy import make_strategy
 
 
 # Bytes of the tensors in what is sent (a tensor, or a dict / list of them, e.g. the stack mode's

@@ -37,7 +37,7 @@ import dataclasses
 import torch
 
 from fedsim.models.lora import LoraModule, stacked_delta_w
-from fedsim.server.strategy import Finish, Strategy, Update, no_finish
+from fedsim.server.base import Finish, Strategy, Update, no_finish
 
 
 class StackedLoRA(Strategy):

@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedsim.server.strategy import STRATEGIES, Finish, Strategy, Update, no_finish
+from fedsim.server.base import Finish, Strategy, Update, no_finish
 from fedsim.server.table import DiskTable, MemoryTable
 
 LOSS_CLIP = 1e12
@@ -105,6 +105,11 @@ def loss_gap_scale(loss: float, all_losses, gamma: float, lo: float, hi: float) 
 
 class PPLR(Strategy):
     name = "pplr"
+    # It mixes each client's whole adapter with the others' (so it needs every client's own update),
+    # and what it applies is no mean of updates (so DP-FedAvg's bound does not hold).
+    needs = {"whole_adapter": "needs whole per-client adapters, which {key} {value!r} does not upload",
+             "each_update": "needs each client's own update, which {key} hides"}
+    breaks = {"mean_of_updates": None}
 
     def __init__(self, alpha: float = 0.7, beta: float = 1.0, temperature: float = 0.05,
                  lr_rule: str = "loss_gap", lr_gamma: float = 0.5, lr_min_scale: float = 0.5,
@@ -277,8 +282,3 @@ class PPLR(Strategy):
         self.last_sim = None if state["last_sim"] is None else np.array(state["last_sim"], dtype=np.float64)
         self.last_sim_clients = [int(c) for c in state["last_sim_clients"]]
         self.last_sim_round = state["last_sim_round"]
-
-
-# Registered here, not in strategy.py's dict literal: this module subclasses Strategy, so it can only
-# be defined after strategy.py; strategy.py imports this module at its end, whichever is imported first.
-STRATEGIES[PPLR.name] = PPLR

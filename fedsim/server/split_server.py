@@ -16,10 +16,11 @@ import ray
 import torch
 from torch.func import functional_call
 
-from fedsim.config import config_from_dict, to_dict
+from fedsim.core.placement import bundle_placement
 from fedsim.models.loader import load_base, quiet_transformers
 from fedsim.models.lora import attach_lora
 from fedsim.models.split import Middle, decoder_of, layer_lora, layer_ranges, param_count
+from fedsim.schema import config_from_dict, to_dict
 
 
 class SplitServer:
@@ -86,10 +87,8 @@ def start_split_server(cfg, model_path: str, num_executors: int, executor_gpus: 
         raise ValueError(f"storage.server_num_cpus={s.server_num_cpus:g} does not fit: the executors take "
                          f"{num_executors * cfg.executors.num_cpus:g} of the cluster's {total.get('CPU', 0):g} CPUs")
     gpus = executor_gpus if s.server_num_gpus == "auto" else float(s.server_num_gpus)
-    from fedsim.simulation import bundle_placement  # in a `fedsim tune` trial: the bundle after the executors'
-
     name = f"fedsim-split-server-{uuid.uuid4().hex[:12]}"
     actor = ray.remote(SplitServer).options(name=name, num_cpus=s.server_num_cpus, num_gpus=gpus,
                                             max_restarts=cfg.executors.max_restarts, max_task_retries=0,
-                                            **bundle_placement(num_executors + 1))
+                                            **bundle_placement(num_executors + 1))  # in a `fedsim tune` trial: after the executors'
     return actor.remote(to_dict(cfg), model_path, max(1, int(s.server_num_cpus))), name, gpus

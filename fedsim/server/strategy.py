@@ -1,121 +1,22 @@
-"""Aggregation rules behind one small interface (Flower's `Strategy` idea).
+"""The registry of aggregation rules (the interface and FedAvg: `fedsim.server.base`).
 
-The simulation loop only calls `params_for` (what a client trains from / is evaluated with) and
-`aggregate` (fold one round's client updates in); it never knows which rule it runs. Updates are
-deltas (trained adapter minus the adapter the client received), as flat float32 vectors.
+Every rule is listed here, once; a rule's module imports only `base`, so there is no cycle and
+nothing registers itself by being imported. Names re-exported from `base` keep older imports working.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
-import torch
+from fedsim.core.registry import Registry
+from fedsim.server.base import FedAvg, Finish, Strategy, Update, no_finish, weighted_mean  # noqa: F401
+from fedsim.server.flora import StackedLoRA
+from fedsim.server.pplr import PPLR
 
-# Server-side postprocessing of an aggregated step (e.g. central DP noise): step -> (step, metrics).
-Finish = Callable[[torch.Tensor], tuple[torch.Tensor, dict]]
-
-
-def no_finish(step: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    return step, {}
-
-
-@dataclass
-class Update:
-    client: int
-    delta: torch.Tensor
-    num_samples: int
-    weight: float  # aggregation weight: the sample count unless a postprocessor changed it
-    metrics: dict = field(default_factory=dict)
-
-
-class Strategy:
-    name = "base"
-
-    @classmethod
-    def from_config(cls, cfg, workdir: Path | None = None) -> "Strategy":
-        """Build the rule from the run's config (rules with settings read their `strategy.*` section);
-        `workdir`: a directory the rule may keep state in (the run directory's), or None."""
-        return cls()
-
-    def initialize(self, params: torch.Tensor, num_clients: int) -> None:
-        raise NotImplementedError
-
-    def params_for(self, client: int) -> torch.Tensor:
-        raise NotImplementedError
-
-    def aggregate(self, round: int, updates: list[Update], finish: Finish = no_finish) -> dict[str, float]:
-        """Fold the round's updates in; pass each aggregated step through `finish` before applying it."""
-        raise NotImplementedError
-
-    def write_artifacts(self, out_dir) -> list:
-        """Files worth keeping at the end of a run (plots, matrices); returns their paths."""
-        return []
-
-    def client_lr(self, client: int, base_lr: float) -> float:
-        """The learning rate this client trains with next round (rules that control learning speed
-        override this)."""
-        return base_lr
-
-    def global_params(self) -> torch.Tensor:
-        """The model a user takes away at the end (for personalised rules, a consensus)."""
-        raise NotImplementedError
-
-    def after_checkpoint(self, round: int) -> None:
-        """Called once a checkpoint covers `round` (rules keeping versioned state on disk prune it)."""
-
-    def state_dict(self) -> dict:
-        raise NotImplementedError
-
-    def load_state_dict(self, state: dict) -> None:
-        raise NotImplementedError
-
-
-def weighted_mean(vectors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
-    w = torch.tensor(weights, dtype=torch.float64)
-    w = w / w.sum()
-    return (torch.stack([v.double() for v in vectors]) * w[:, None]).sum(0).float()
-
-
-class FedAvg(Strategy):
-    """McMahan et al.: the global adapter moves by the sample-weighted mean of client deltas."""
-
-    name = "fedavg"
-
-    def initialize(self, params, num_clients):
-        self.params = params.clone()
-
-    def params_for(self, client):
-        return self.params
-
-    def aggregate(self, round, updates, finish=no_finish):
-        step = weighted_mean([u.delta for u in updates], [u.weight for u in updates])
-        step, metrics = finish(step)
-        self.params = self.params + step
-        return {"update_norm": float(step.norm()), **metrics}
-
-    def global_params(self):
-        return self.params
-
-    def state_dict(self):
-        return {"params": self.params.clone()}
-
-    def load_state_dict(self, state):
-        self.params = state["params"].clone()
-
-
-STRATEGIES = {cls.name: cls for cls in (FedAvg,)}
+STRATEGIES = Registry("strategy.name", [FedAvg, PPLR])
 
 
 def make_strategy(cfg, workdir: Path | None = None) -> Strategy:
     if getattr(cfg.strategy, "lora_mode", "separate") == "stack":
         # Stacking replaces the averaging rule (the config allows it only with strategy.name fedavg).
-        from fedsim.server.flora import StackedLoRA
-
         return StackedLoRA.from_config(cfg)
     return STRATEGIES[cfg.strategy.name].from_config(cfg, workdir)
-
-
-# Rules in their own modules subclass the classes above and add themselves to STRATEGIES when
-# imported; importing them here, last, registers them whichever module is imported first.
-import fedsim.server.pplr  # noqa: E402,F401

@@ -6,7 +6,8 @@ so the aggregator holds only the round's sampled clients in RAM and a checkpoint
 round it covers: 10,000 SmolLM2 clients are 18 GB of adapters, which no aggregator should hold.
 
 Both: `get(client)` (None before its first report), `put(round, {client: adapter})`, `clients()`,
-`state_dict()` / `load_state_dict()` for the checkpoint, `prune(round)` once that checkpoint is written.
+`state_dict()` / `load_state_dict()` for the checkpoint, `prune(round)` once that checkpoint is written,
+`delete(client)` / `reset()` to forget one client / all of them (unlearning).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from fedsim.client.state import ClientStore
+from fedsim.core.store import ClientStore
 
 
 class MemoryTable:
@@ -38,6 +39,12 @@ class MemoryTable:
 
     def prune(self, through_round: int) -> None:
         pass
+
+    def delete(self, client: int) -> None:
+        self.rows.pop(client, None)
+
+    def reset(self) -> None:
+        self.rows = {}
 
 
 class DiskTable:
@@ -70,3 +77,12 @@ class DiskTable:
 
     def prune(self, through_round: int) -> None:
         self.store.prune(self.written, through_round)
+
+    def delete(self, client: int) -> None:
+        self.store.delete(client)
+        self.known.discard(client)
+        self.written = [c for c in self.written if c != client]
+
+    def reset(self) -> None:
+        self.store.reset()
+        self.known, self.written = set(), []
