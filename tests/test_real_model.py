@@ -14,6 +14,8 @@ from fedsim.models.loader import fetch_smollm2, load_base
 from fedsim.models.lora import attach_lora, get_flat, trainable
 from fedsim.models.scoring import answer_token_ids, encode, p_yes, preference_loss, yes_no_logits
 
+pytestmark = pytest.mark.slow  # loads the real 135M model (tens of seconds on a CPU)
+
 
 @pytest.fixture(scope="module")
 def smollm2():
