@@ -26,11 +26,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedsim.baselines import baseline_scores  # noqa: E402
-from fedsim.client.executor import ClientExecutor, shard_path  # noqa: E402
-from fedsim.config import load_config, to_dict  # noqa: E402
+from fedsim.client.executor import shard_path  # noqa: E402
+from fedsim.config import load_config  # noqa: E402
+from fedsim.inprocess import evaluate_in_process, train_in_process  # noqa: E402
 from fedsim.metrics import auc, auc_ci, paired_auc_diff  # noqa: E402
-from fedsim.prepare import prepare  # noqa: E402
-from fedsim.server.strategy import Update, make_strategy  # noqa: E402
 
 QUICKSTART = "configs/quickstart.yaml"
 # The shipped quickstart before this work: fedsim's own wording, bare titles, lr 5e-3, batch 4, r=8 on q/v.
@@ -65,32 +64,20 @@ def run_one(cfg_overrides: list[str], rows: int, split: str, eval_rows: int, cli
                                    f"train.local_steps={local}"])
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp)
-        info = prepare(cfg, run_dir, log=lambda *a: None)
         t0 = time.perf_counter()
-        ex = ClientExecutor(to_dict(cfg), str(run_dir), info["model_path"], 0, num_threads=threads)
-        strategy = make_strategy(cfg, None)
-        strategy.initialize(ex.initial_params(), clients)
-        losses, seen = [], 0
-        t_train = time.perf_counter()
-        for r in range(rounds):
-            updates = []
-            for c in range(clients):
-                meta, delta = ex.train(c, r, strategy.params_for(c), cfg.train.lr, list(range(clients)))
-                updates.append(Update(c, delta, meta["num_samples"], meta["weight"], meta))
-                losses.append(meta["loss"])
-                seen += meta["num_samples"]
-            strategy.aggregate(r, updates)
-            log(f"  round {r + 1}/{rounds}: loss {np.mean(losses[-clients:]):.4f} rows {seen}")
-        train_s = time.perf_counter() - t_train
+
+        def log_round(r, ex, strategy, metas):
+            log(f"  round {r + 1}/{rounds}: loss {np.mean([m['loss'] for m in metas]):.4f}")
+
+        ex, strategy, losses, seen = train_in_process(cfg, run_dir, threads, after_round=log_round)
+        train_s = time.perf_counter() - t0  # with the preparation (samples, shards, baselines)
         t_eval = time.perf_counter()
-        results = [ex.evaluate(c, strategy.params_for(c), split) for c in range(clients)]
+        y, p = evaluate_in_process(ex, strategy, clients, split)
         eval_s = time.perf_counter() - t_eval
         import pandas as pd
 
         shards = [pd.read_parquet(shard_path(run_dir, c)) for c in range(clients)]
         evaluated = pd.concat([df[df["split"] == split] for df in shards])
-    y = np.concatenate([r["labels"] for r in results])
-    p = np.concatenate([r["probs"] for r in results])
     # Baselines are fitted on every train row (the whole split, not only the budget: they are cheap).
     from fedsim.prepare import build_all_samples
 
@@ -98,8 +85,8 @@ def run_one(cfg_overrides: list[str], rows: int, split: str, eval_rows: int, cli
     base_scores = baseline_scores(samples[samples["split"] == "train"], evaluated, seed=cfg.train.seed)
     assert (evaluated["label"].to_numpy() == y).all()
     out = {"rows_trained": seen, "rounds": rounds, "local_steps": local, "clients": clients,
-           "train_seconds": train_s, "eval_seconds": eval_s, "setup_seconds": t_train - t0,
-           "eval_rows": int(len(y)), "first_loss": losses[0], "last_loss": float(np.mean(losses[-clients:])),
+           "train_seconds": train_s, "eval_seconds": eval_s,
+           "eval_rows": int(len(y)), "first_loss": losses[0], "last_loss": losses[-1],
            "auc": auc(y, p), "ci": list(auc_ci(y, p, seed=0)), "baselines": {},
            # the scored rows and their scores, for paired comparisons between models afterwards
            "rows": {"user": evaluated["user"].tolist(), "item": evaluated["item"].tolist(),

@@ -101,31 +101,15 @@ def test_a_short_federated_run_learns_labels_that_follow_the_history(ray_local, 
 
 
 def train_in_process(cfg, tmp: Path) -> tuple[list[float], list[float]]:
-    """fedsim's client and server code without Ray: each round every client trains from what the
-    strategy sends it, the strategy aggregates. Returns (pooled test AUC, mean train loss) per round."""
-    from fedsim.client.executor import ClientExecutor
-    from fedsim.config import to_dict
+    """fedsim's client and server code without Ray (`fedsim.inprocess`), the pooled test AUC
+    scored after every round. Returns (AUC, mean train loss) per round."""
+    from fedsim.inprocess import evaluate_in_process, train_in_process as train
     from fedsim.metrics import auc
-    from fedsim.prepare import prepare
-    from fedsim.server.strategy import Update, make_strategy
 
-    info = prepare(cfg, tmp, log=lambda *a: None)
-    ex = ClientExecutor(to_dict(cfg), str(tmp), info["model_path"], 0)
-    strategy = make_strategy(cfg, tmp / "strategy")
-    strategy.initialize(ex.initial_params(), cfg.clients.num)
-    clients = list(range(cfg.clients.num))
-    aucs, losses = [], []
-    for r in range(cfg.train.rounds):
-        lrs = [strategy.client_lr(c, cfg.train.lr) for c in clients]
-        if cfg.executors.fused:
-            out = ex.train_many(clients, r, lrs, clients, *[strategy.params_for(c) for c in clients])
-            done = list(zip(out[0::2], out[1::2]))
-        else:
-            done = [ex.train(c, r, strategy.params_for(c), lr, clients) for c, lr in zip(clients, lrs)]
-        strategy.aggregate(r, [Update(m["client"], d, m["num_samples"], m["weight"], m) for m, d in done])
-        losses.append(float(np.mean([m["loss"] for m, _ in done])))
-        results = [ex.evaluate(c, strategy.params_for(c), "test") for c in clients]
-        aucs.append(auc(np.concatenate([x["labels"] for x in results]), np.concatenate([x["probs"] for x in results])))
+    aucs = []
+    def score(r, ex, strategy, metas):
+        aucs.append(auc(*evaluate_in_process(ex, strategy, cfg.clients.num, "test")))
+    _, _, losses, _ = train(cfg, tmp, after_round=score)
     return aucs, losses
 
 
