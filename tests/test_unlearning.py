@@ -83,6 +83,31 @@ def test_unlearning_config_is_off_by_default_and_errors_name_the_key():
             load_config("configs/tiny.yaml", overrides)
 
 
+def test_unlearn_requests_are_checked_with_clear_errors(tmp_path, capsys):
+    from fedsim.cli import main
+    from fedsim.config import save_config
+    from fedsim.unlearning.unlearn import rows_to_delete
+
+    rows = _rows(4, 3)
+    assert rows_to_delete(rows, [1, 2], None).sum() == 6
+    path = tmp_path / "rows.csv"
+    rows.iloc[[0, 5]].to_csv(path, index=False)
+    assert rows_to_delete(rows, None, str(path)).tolist() == [i in (0, 5) for i in range(12)]
+    rows.iloc[[0]].assign(timestamp=1).to_csv(path, index=False)
+    with pytest.raises(ValueError, match="1 of its 1 rows are not in the run"):
+        rows_to_delete(rows, None, str(path))
+    rows[["user", "item"]].to_csv(path, index=False)
+    with pytest.raises(ValueError, match=r"no column\(s\) \['timestamp'\]"):
+        rows_to_delete(rows, None, str(path))
+    with pytest.raises(ValueError, match=r"--users: the run has no rows of users \[99\]"):
+        rows_to_delete(rows, [99], None)
+    assert main(["unlearn", str(tmp_path)]) == 2
+    assert "give exactly one of --users" in capsys.readouterr().err
+    save_config(load_config("configs/tiny.yaml"), tmp_path / "config.yaml")
+    assert main(["unlearn", str(tmp_path), "--users", "1"]) == 2
+    assert "not a sharded run (unlearning.shards is 0)" in capsys.readouterr().err
+
+
 # -- the merge --------------------------------------------------------------------------------------
 
 def test_neighbour_weights_favour_the_adapter_that_is_right_on_similar_rows():
@@ -120,3 +145,125 @@ def test_stacked_layer_mixes_factors_or_outputs_per_row():
     for factors in (True, False):
         route.set_weights(one, factors=factors)
         assert torch.allclose(layer(x)[:, 0], base(x[:, 0]) + 0.5 * x[:, 0] @ A[1].T @ B[1].T, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def prepared(prepare_run):
+    cfg = load_config("configs/tiny.yaml", ["tracking.enabled=false", "unlearning.shards=3"])
+    return cfg, prepare_run("unlearning", cfg)
+
+
+def test_stacked_shard_model_scores_like_each_peft_adapter_and_merges_in_one_forward(prepared):
+    """The merge model (K adapters stacked) gives shard k's own peft model's scores; one-hot merge
+    weights give the single adapter; per-row merges differ from both and from each other."""
+    from fedsim.models.loader import load_base
+    from fedsim.models.lora import attach_lora, export_state, get_flat, trainable
+    from fedsim.models.scoring import answer_token_ids, encode, p_yes, yes_no_logits
+    from fedsim.unlearning.merge import ShardModel, prompts
+    from fedsim.unlearning.sharded import read_rows
+
+    cfg, run = prepared
+    rows = read_rows(run.run_dir)
+    test = rows[rows["split"] == "test"].head(24).reset_index(drop=True)
+    base, tok = load_base(run.model_path, "float32")
+    model = attach_lora(base, cfg.model.lora, 0)
+    flat0 = get_flat(trainable(model))
+    states, expected = [], []
+    yes, no = answer_token_ids(tok)
+    for k in range(3):
+        flat = flat0 + 0.3 * torch.randn(flat0.shape, generator=torch.Generator().manual_seed(k))
+        state, _ = export_state(model, flat)
+        states.append({n: v.clone() for n, v in state.items()})  # export_state gives views of the model
+        with torch.no_grad():
+            batch = encode(tok, prompts(cfg, test), cfg.model.max_length, "cpu")
+            expected.append(p_yes(yes_no_logits(model, batch, yes, no)).numpy())
+    m = ShardModel(cfg, run.model_path, states)
+    emb = m.embed(test)
+    assert emb.shape == (24, 64) and np.isfinite(emb).all()
+    for k in range(3):
+        assert np.allclose(m.predict(test, shard=k)[0], expected[k], atol=1e-5)
+        one = np.eye(3)[[k] * len(test)]
+        assert np.allclose(m.predict(test, weights=one, factors=True)[0], expected[k], atol=1e-5)
+    w = np.full((len(test), 3), 1 / 3)
+    pw, po = m.predict(test, weights=w, factors=True)[0], m.predict(test, weights=w, factors=False)[0]
+    sisa = np.mean(expected, 0)
+    assert not np.allclose(pw, po, atol=1e-4) and not np.allclose(po, sisa, atol=1e-4)
+
+
+# -- shard adapters through Ray: they learn, and a deletion is exact -----------------------------------
+
+SHARDED = ["data.synthetic.generosity=3.0", "data.synthetic.num_users=120", "data.synthetic.num_clusters=8",
+           "data.max_test_per_client=null", "train.rounds=3", "train.local_steps=8", "train.lr=0.01",
+           "train.schedule=cosine", "train.warmup=0.1", "eval.every=100", "executors.num=1",
+           "unlearning.shards=2", "unlearning.partition=user"]
+
+
+def test_shard_adapters_learn_and_a_deletion_retrains_only_its_shard_exactly(ray_local, tiny_cfg, tmp_path):
+    """Two shard adapters (all of a user's rows in one shard), each its own federation of 3 clients.
+    The merged model must learn (fails when shard training stops working). Deleting a user retrains
+    only that user's shard; its adapter then equals, bit for bit, the adapter of a run whose data
+    never had the user; the other shard's files are untouched; the user is in no shard's data."""
+    import shutil
+
+    from mlflow import MlflowClient
+    from safetensors.torch import load_file
+
+    from fedsim.prepare import prepare
+    from fedsim.unlearning.sharded import ShardedRun, read_rows, shard_dir, train_shard, with_shard
+    from fedsim.unlearning.unlearn import shard_files, unlearn
+
+    cfg = tiny_cfg(*SHARDED)
+    quiet = lambda *a: None  # noqa: E731
+    a_dir = tmp_path / "a"
+    info = prepare(cfg, a_dir, log=quiet)
+    b_dir = tmp_path / "b"
+    shutil.copytree(a_dir, b_dir)
+    summary = ShardedRun(cfg, a_dir, log=quiet).run()
+    f = summary["final"]
+    print(f"2 shards: APA weights {f['apa_weights/auc']:.3f}, outputs {f['apa_outputs/auc']:.3f}, "
+          f"SISA {f['sisa/auc']:.3f}, shards {f['shard/0/auc']:.3f} {f['shard/1/auc']:.3f}, "
+          f"history share {summary['baselines']['history_share']['auc']:.3f}")
+    assert f["rows"] >= 200 and f["auc"] == f["apa_weights/auc"]
+    assert f["auc"] >= 0.75 and f["auc_ci_low"] > 0.65
+    assert f["apa_outputs/auc"] >= 0.75 and f["sisa/auc"] > 0.6 and f["shard_auc_mean"] > 0.58
+    preds = pd.read_parquet(a_dir / "predictions.parquet")
+    assert {"prob", "prob_sisa", "prob_weights", "prob_outputs", "prob_shard_0", "prob_shard_1"} <= set(preds.columns)
+
+    rows = with_shard(read_rows(a_dir), pd.read_parquet(a_dir / "unlearning" / "assignment.parquet"))
+    train = rows[rows["split"] == "train"]
+    user = int(train["user"].iloc[0])
+    k = int(train.loc[train["user"] == user, "shard"].iloc[0])
+    other = 1 - k
+    files = shard_files(a_dir, other)
+    adapter = lambda d, s: load_file(str(shard_dir(d, s) / "adapter" / "adapter_model.safetensors"))  # noqa: E731
+    old = adapter(a_dir, k)
+
+    report = unlearn(a_dir, users=[user], log=quiet)
+    assert report["shards_retrained"] == [k] and report["shards_untouched"] == [other]
+    assert report["rows_deleted_by_split"]["train"] == int((train["user"] == user).sum()) > 0
+    assert report["untouched_files_unchanged"] and shard_files(a_dir, other) == files
+    assert report["data_sha256_before"][k] != report["data_sha256_after"][k]
+    assert report["data_sha256_before"][other] == report["data_sha256_after"][other]
+    assert report["auc_after"]["auc"] > 0.7 and report["original_train_seconds"] > report["retrain_seconds"] > 0
+    # the user's rows are in no data of the run, no shard's training set among them
+    for d in [a_dir, shard_dir(a_dir, 0), shard_dir(a_dir, 1)]:
+        assert user not in read_rows(d)["user"].tolist()
+    assert user not in pd.read_parquet(a_dir / "unlearning" / "assignment.parquet")["user"].tolist()
+    # the MLflow run of the deletion points at the original run
+    runs = MlflowClient(cfg.tracking.uri).search_runs(
+        [e.experiment_id for e in MlflowClient(cfg.tracking.uri).search_experiments()],
+        f"tags.`fedsim.unlearning.original_run` = '{summary['mlflow_run_id']}'")
+    assert len(runs) == 1 and runs[0].data.metrics["rows_deleted"] == report["rows_deleted"]
+
+    # A run whose data never had the user: its shard k trained from scratch equals the retrained one.
+    for path in (b_dir / "shards").glob("client_*.parquet"):
+        df = pd.read_parquet(path)
+        df[df["user"] != user].to_parquet(path, index=False)
+    from fedsim.unlearning.sharded import build_assignment
+
+    b_rows = read_rows(b_dir)
+    b_rows = with_shard(b_rows, build_assignment(cfg, b_rows, info["model_path"], quiet))
+    train_shard(cfg, b_dir, b_rows, k, info, quiet)
+    new, ref = adapter(a_dir, k), adapter(b_dir, k)
+    assert set(new) == set(ref) and all(torch.equal(new[n], ref[n]) for n in new)
+    assert not all(torch.equal(new[n], old[n]) for n in new)  # the deletion changed the adapter
