@@ -3,6 +3,7 @@ per-row merge, shard adapters that never mix, and a deletion that retrains only 
 and ends bit for bit where a run that never saw the rows ends."""
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -190,6 +191,35 @@ def test_stacked_shard_model_scores_like_each_peft_adapter_and_merges_in_one_for
     assert not np.allclose(pw, po, atol=1e-4) and not np.allclose(po, sisa, atol=1e-4)
 
 
+def test_semantic_assignment_from_the_base_models_hidden_states_is_balanced(prepared):
+    import dataclasses
+
+    from fedsim.unlearning.sharded import build_assignment, read_rows, with_shard
+
+    cfg, run = prepared
+    cfg = dataclasses.replace(cfg, unlearning=dataclasses.replace(cfg.unlearning, partition="semantic"))
+    rows = read_rows(run.run_dir)
+    a = build_assignment(cfg, rows, run.model_path, log=lambda *x: None)
+    n = int((rows["split"] == "train").sum())
+    sizes = np.bincount(a["shard"], minlength=3)
+    assert len(a) == n and sizes.max() == math.ceil(n / 3) and sizes.min() > 0  # the cap, every shard used
+    assert np.array_equal(a["shard"], build_assignment(cfg, rows, run.model_path, log=lambda *x: None)["shard"])
+    shard = with_shard(rows, a)["shard"]
+    assert ((shard >= 0) == (rows["split"] == "train")).all()
+
+
+def test_each_shard_is_an_ordinary_run_with_the_privacy_chain_and_its_own_namespace(tmp_path):
+    from fedsim.unlearning.sharded import shard_config, shard_dir
+
+    cfg = load_config("configs/tiny.yaml", ["unlearning.shards=4", "privacy.secagg.enabled=true",
+                                            "privacy.client_dp.enabled=true", "privacy.client_dp.noise_multiplier=1.0",
+                                            "privacy.client_dp.delta=0.01"])
+    sub = shard_config(cfg, 2)
+    assert sub.unlearning.shards == 0 and sub.name == "tiny-shard2" and not sub.tracking.enabled
+    assert sub.privacy == cfg.privacy and sub.train == cfg.train and cfg.unlearning.shards == 4
+    assert shard_dir(tmp_path, 2) == tmp_path / "unlearning" / "shard_02"
+
+
 # -- shard adapters through Ray: they learn, and a deletion is exact -----------------------------------
 
 SHARDED = ["data.synthetic.generosity=3.0", "data.synthetic.num_users=120", "data.synthetic.num_clusters=8",
@@ -210,7 +240,8 @@ def test_shard_adapters_learn_and_a_deletion_retrains_only_its_shard_exactly(ray
 
     from fedsim.prepare import prepare
     from fedsim.unlearning.sharded import ShardedRun, read_rows, shard_dir, train_shard, with_shard
-    from fedsim.unlearning.unlearn import shard_files, unlearn
+    from fedsim.cli import main
+    from fedsim.unlearning.unlearn import shard_files
 
     cfg = tiny_cfg(*SHARDED)
     quiet = lambda *a: None  # noqa: E731
@@ -238,7 +269,10 @@ def test_shard_adapters_learn_and_a_deletion_retrains_only_its_shard_exactly(ray
     adapter = lambda d, s: load_file(str(shard_dir(d, s) / "adapter" / "adapter_model.safetensors"))  # noqa: E731
     old = adapter(a_dir, k)
 
-    report = unlearn(a_dir, users=[user], log=quiet)
+    assert main(["unlearn", str(a_dir), "--users", str(user)]) == 0
+    report = json.loads(next((a_dir / "unlearning").glob("deletion_*.json")).read_text())
+    report["data_sha256_before"] = {int(s): h for s, h in report["data_sha256_before"].items()}
+    report["data_sha256_after"] = {int(s): h for s, h in report["data_sha256_after"].items()}
     assert report["shards_retrained"] == [k] and report["shards_untouched"] == [other]
     assert report["rows_deleted_by_split"]["train"] == int((train["user"] == user).sum()) > 0
     assert report["untouched_files_unchanged"] and shard_files(a_dir, other) == files

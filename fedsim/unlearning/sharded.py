@@ -105,15 +105,19 @@ def members_of(rows: pd.DataFrame, k: int) -> list[int]:
 
 
 class ShardSimulation(Simulation):
-    """One shard's federation: the round's sample cut to the clients holding the shard's rows (all
-    of them when the cut leaves none, so no round is empty)."""
+    """One shard's federation: the round's sample cut to the clients holding the shard's rows. A
+    member is then in a round with the probability the sampling gives it (what client-level DP
+    accounts); with fixed sampling a cut that leaves no one trains all members instead, with
+    Poisson sampling the round stays empty (as an ordinary Poisson round may be)."""
 
     def __init__(self, cfg: Config, run_dir: Path, members: list[int], log=print):
         super().__init__(cfg, run_dir, log=log)
         self.members = members
 
     def _train_round(self, round, progress):
-        sampled = [c for c in sample_clients(self.cfg, round) if c in set(self.members)] or self.members
+        sampled = [c for c in sample_clients(self.cfg, round) if c in set(self.members)]
+        if not sampled and self.cfg.clients.sampling == "fixed":
+            sampled = self.members
         return self.train_round(round, sampled, progress)
 
 
