@@ -30,7 +30,7 @@ from fedsim.postprocessors import describe
 from fedsim.prepare import prepare
 from fedsim.simulation import Simulation, init_ray, load_run_config, new_run_dir, sample_clients
 from fedsim.tracking import Tracker, resolve_uri
-from fedsim.unlearning.merge import ShardModel, evaluate_merge, hidden_states, prompts  # noqa: F401
+from fedsim.unlearning.merge import evaluate_merge, hidden_states, prompts
 from fedsim.unlearning.partition import assign
 
 KEY = ["user", "item", "timestamp"]
