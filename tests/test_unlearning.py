@@ -301,3 +301,23 @@ def test_shard_adapters_learn_and_a_deletion_retrains_only_its_shard_exactly(ray
     new, ref = adapter(a_dir, k), adapter(b_dir, k)
     assert set(new) == set(ref) and all(torch.equal(new[n], ref[n]) for n in new)
     assert not all(torch.equal(new[n], old[n]) for n in new)  # the deletion changed the adapter
+
+
+def test_a_sharded_trials_row_in_a_sweep_holds_the_merge_and_its_comparisons(tmp_path):
+    """`fedsim tune` over unlearning.shards (tuning/apa_k.yaml): a sharded run has no checkpoint of
+    its own; its results row comes from its summary (merged AUC, SISA, both merges, shard mean)."""
+    from fedsim.config import to_dict
+    from fedsim.tuning.report import trial_row
+    from fedsim.tuning.sweep import expand, parse_sweep
+
+    trials = expand(parse_sweep("tuning/apa_k.yaml"), "tuning/apa_k.yaml")
+    assert [t.cfg.unlearning.shards for t in trials] == [1, 2, 4, 8]
+    assert {t.cfg.unlearning.partition for t in trials} == {"semantic"} and trials[0].cfg.model.name == "smollm2-135m"
+    t = trials[2]
+    final = {"auc": 0.71, "auc_ci_low": 0.68, "auc_ci_high": 0.74, "logloss": 0.6, "sisa/auc": 0.69,
+             "apa_weights/auc": 0.71, "apa_outputs/auc": 0.70, "shard_auc_mean": 0.66}
+    (tmp_path / "summary.json").write_text(json.dumps({"complete": True, "unlearning": {"shards": 4}, "final": final,
+                                                       "wall_seconds": 9.0, "train_seconds": 7.0, "mlflow_run_id": "r"}))
+    row = trial_row({"trial": 2, "params": t.params, "config": to_dict(t.cfg), "run_dir": str(tmp_path)}, None, False)
+    assert row["status"] == "FINISHED" and row["unlearning.shards"] == 4 and row["train_seconds"] == 7.0
+    assert {k: row[k] for k in final} == final and row["wall_seconds"] == 9.0
