@@ -1,4 +1,4 @@
-"""`fedsim` command line: run, tune, compare, data fetch, model fetch, baselines."""
+"""`fedsim` command line: run, unlearn, tune, compare, data fetch, model fetch, baselines."""
 from __future__ import annotations
 
 import argparse
@@ -26,12 +26,35 @@ def cmd_run(a) -> int:
             return _err("give a CONFIG file (e.g. configs/quickstart.yaml) or --resume RUN_DIR")
         cfg = load_config(a.config, a.set)
     try:
-        summary = run(cfg, run_dir=a.resume, tracking_uri=a.tracking_uri)
+        if _sharded(cfg, a.resume):  # unlearning.shards: one adapter per shard (fedsim.unlearning)
+            from fedsim.unlearning.sharded import run_sharded
+
+            summary = run_sharded(cfg, run_dir=a.resume, tracking_uri=a.tracking_uri)
+        else:
+            summary = run(cfg, run_dir=a.resume, tracking_uri=a.tracking_uri)
     except QuorumError as e:
         return _err(str(e))
     if a.summary_json:
         Path(a.summary_json).write_text(json.dumps(summary, indent=1, default=float))
     print(f"run directory: {summary['run_dir']}")
+    return 0
+
+
+def _sharded(cfg, resume: str | None) -> bool:
+    if resume:
+        from fedsim.simulation import load_run_config
+
+        cfg = load_run_config(Path(resume))
+    return bool(cfg.unlearning.shards)
+
+
+def cmd_unlearn(a) -> int:
+    from fedsim.unlearning.unlearn import unlearn
+
+    if bool(a.users) == bool(a.rows):
+        return _err("give exactly one of --users U [U ...] and --rows FILE")
+    report = unlearn(a.run_dir, users=a.users, rows_file=a.rows, tracking_uri=a.tracking_uri)
+    print(f"deletion report: {report['report_path']}")
     return 0
 
 
@@ -126,6 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///./mlflow.db)")
     r.add_argument("--summary-json", metavar="PATH", help="also write the final summary here")
     r.set_defaults(fn=cmd_run)
+
+    u = sub.add_parser("unlearn", help="forget users or rows of a sharded run (unlearning.shards): "
+                       "retrain only the shards that held them, merge again, write a deletion report")
+    u.add_argument("run_dir", metavar="RUN", help="a finished run directory with unlearning.shards >= 1")
+    u.add_argument("--users", type=int, nargs="+", help="user ids whose rows are deleted (every split)")
+    u.add_argument("--rows", metavar="FILE", help="CSV or Parquet with columns user, item, timestamp: the rows deleted")
+    u.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///./mlflow.db)")
+    u.set_defaults(fn=cmd_unlearn)
 
     t = sub.add_parser("tune", help="run (or resume) a sweep of simulations under Ray Tune")
     t.add_argument("sweep", help="sweep YAML (see tuning/)")

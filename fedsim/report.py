@@ -16,7 +16,9 @@ def fmt_seconds(s: float) -> str:
 class Progress:
     """Round, clients finished, ETA. Rewrites one line on a terminal, prints plain lines in logs."""
 
-    def __init__(self, rounds: int, start_round: int = 0, stream=sys.stderr):
+    def __init__(self, rounds: int, start_round: int = 0, stream=None):
+        # sys.stderr as it is now, not as it was at import (pytest's capture swaps and closes it)
+        stream = stream or sys.stderr
         self.rounds, self.start_round, self.stream = rounds, start_round, stream
         self.tty = stream.isatty()
         self.t0 = time.perf_counter()

@@ -291,6 +291,27 @@ class StorageConfig:
 
 
 @dataclass
+class UnlearningConfig:
+    """APA-style exact unlearning (fedsim.unlearning): the train rows split into `shards` disjoint
+    shards, one adapter per shard trained only on its rows (its own federation over the clients
+    holding them), a deletion retrains only the shards that held the deleted rows. 0 = off; 1 =
+    one shard holding every row (plain retraining, the comparison point of a sweep over K).
+    partition: `random` (each row by a seeded hash of its key), `user` (each user's rows by a
+    seeded hash of the user: all of a user's rows in one shard), `semantic` (APA's balanced
+    partition: k-means on the frozen base model's mean-pooled last hidden state of the prompts,
+    then greedy nearest-centre assignment under the cap `shard_size`, null = ceil(N / shards)).
+    Inference merges the shard adapters per test row: the `neighbours` most similar validation
+    rows (cosine on the same hidden states), each adapter's mean log loss on them, weights
+    softmax(-tau * loss); `merge` weights = (sum w B)(sum w A), outputs = sum w B A x."""
+    shards: int = 0
+    partition: Literal["random", "user", "semantic"] = "user"
+    shard_size: Optional[int] = None
+    merge: Literal["weights", "outputs"] = "weights"
+    tau: float = 10.0
+    neighbours: int = 20
+
+
+@dataclass
 class Config:
     name: str = "run"
     output_dir: str = "runs"
@@ -306,6 +327,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    unlearning: UnlearningConfig = field(default_factory=UnlearningConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,7 +487,30 @@ def validate(cfg: Config) -> Config:
         _check(0 <= crash["client"] < c.num, f"faults.crash[{i}].client", crash["client"], f"must be in [0, {c.num})")
     _validate_privacy(cfg)
     _validate_storage(cfg)
+    _validate_unlearning(cfg)
     return cfg
+
+
+def _validate_unlearning(cfg: Config) -> None:
+    """Shard adapters: their own values, and the modes whose result is not one peft adapter per
+    shard (what the merge stacks)."""
+    u = cfg.unlearning
+    _check(u.shards >= 0, "unlearning.shards", u.shards, "must be >= 0 (0 = off)")
+    if not u.shards:
+        return
+    _check(u.shard_size is None or u.shard_size >= 1, "unlearning.shard_size", u.shard_size, "must be >= 1 or null")
+    _check(u.shard_size is None or u.partition == "semantic", "unlearning.shard_size", u.shard_size,
+           "caps the semantic partition only; set unlearning.partition=semantic or leave it null")
+    _check(u.tau >= 0, "unlearning.tau", u.tau, "must be >= 0 (0 = uniform weights)")
+    _check(u.neighbours >= 1, "unlearning.neighbours", u.neighbours, "must be >= 1")
+    _check(cfg.eval.split == "test", "eval.split", cfg.eval.split,
+           "is where the merge finds each row's neighbours: unlearning.shards needs eval.split test")
+    _check(cfg.strategy.lora_mode != "stack", "strategy.lora_mode", "stack",
+           "exports a dense update, not a LoRA adapter: unlearning.shards needs separate, ffa or fedsa")
+    _check(cfg.storage.mode == "full", "storage.mode", cfg.storage.mode,
+           "keeps LoRA on the split server: unlearning.shards needs storage.mode full")
+    _check(cfg.strategy.name == "fedavg", "strategy.name", cfg.strategy.name,
+           "keeps per-client adapters: unlearning.shards needs fedavg (one adapter per shard)")
 
 
 def _validate_storage(cfg: Config) -> None:

@@ -344,6 +344,9 @@ class Simulation:
         pending = self._dispatch_train(round, sampled, refs, lrs)
         self.trained = sampled  # whose older store entries the round's checkpoint lets go
         done, failures = self._collect(pending, round, "train", progress)
+        # In client order, not finishing order: the aggregate's float sum is then the same whichever
+        # executor was quicker (an unlearned shard equals, bit for bit, a run that never saw the rows).
+        done.sort(key=lambda d: d[0])
         need = math.ceil(cfg.faults.quorum * len(sampled))
         if len(done) < need:
             first = next(iter(failures.values()), None)

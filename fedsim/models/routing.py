@@ -9,7 +9,9 @@ giving each row i of the batch a weight w_ic on adapter c:
 One-hot weights (w_ic = 1 for the row's client, 0 otherwise) are fused training's per-client
 routing and run as it always has: rows grouped client after client with equal counts reshape to
 [C, k*T, in] (one `torch.bmm` per factor), any other one-hot mix gathers A[c_i], B[c_i] per row.
-Other weights run every adapter on every row and mix the results per row.
+Other weights run every adapter on every row and mix the results per row ("outputs", APA's
+ND merge), or, with `factors`, mix the factors per row and run the mixed adapter
+(y_i = W x_i + scaling * (sum_c w_ic B_c)(sum_c w_ic A_c) x_i, APA's D merge).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ class Route:
         # one-hot, (lo, hi) when the batch is slots lo..hi-1 in order with the same number of rows each
         self.span: tuple[int, int] | None = None
         self.weights: torch.Tensor | None = None  # [rows, C], only when not one-hot
+        self.factors = False  # with weights: mix A and B per row, not the adapters' outputs
 
     def set(self, counts: list[int]) -> None:
         """One-hot routing: the first counts[0] rows to slot 0, the next counts[1] to slot 1, ..."""
@@ -39,15 +42,17 @@ class Route:
         self.span = (lo, hi) if all(counts[i] == counts[lo] for i in range(lo, hi)) else None
         self.weights = None
 
-    def set_weights(self, weights: torch.Tensor) -> None:
-        """Per-row weights [rows, C]; one-hot rows in slot order take exactly the `set` path."""
+    def set_weights(self, weights: torch.Tensor, factors: bool = False) -> None:
+        """Per-row weights [rows, C]; one-hot rows in slot order take exactly the `set` path.
+        `factors`: row i runs the adapter (sum_c w_ic B_c)(sum_c w_ic A_c) (the same as mixing
+        outputs when the weights are one-hot)."""
         if weights.dim() != 2 or weights.shape[1] != self.num_clients:
             raise ValueError(f"route: weights of shape {tuple(weights.shape)} for {self.num_clients} slots")
         w = weights.detach().cpu()
         one_hot = bool(((w == 0) | (w == 1)).all() and (w.sum(1) == 1).all())
         if not one_hot:
             self.idx = self.counts = self.span = None
-            self.weights = weights.to(self.device)
+            self.weights, self.factors = weights.to(self.device), factors
             return
         idx = w.argmax(1)
         if bool((idx[1:] >= idx[:-1]).all()):  # rows in slot order: today's routing, exactly
@@ -73,7 +78,12 @@ class StackedLoRALinear(torch.nn.Module):
         A, B = self.A.to(x.dtype), self.B.to(x.dtype)
         n = x.shape[0]
         x3 = x.reshape(n, -1, x.shape[-1])
-        if self.route.weights is not None:  # a mix: every adapter on every row, weighted per row
+        if self.route.weights is not None and self.route.factors:  # each row's own mixed factors
+            w = self.route.weights.to(x.dtype)
+            a = torch.einsum("nc,crd->nrd", w, A)
+            b = torch.einsum("nc,cor->nor", w, B)
+            d = torch.bmm(torch.bmm(x3, a.mT), b.mT)
+        elif self.route.weights is not None:  # a mix: every adapter on every row, weighted per row
             w = self.route.weights.to(x.dtype)
             xa = torch.einsum("ntd,crd->ntcr", x3, A)
             d = torch.einsum("ntcr,nc,cor->nto", xa, w, B)

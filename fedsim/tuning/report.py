@@ -33,6 +33,10 @@ def epsilon_spent(history: list[dict], cfg: dict) -> float:
     return math.inf
 
 
+# A sharded run's comparisons (fedsim.unlearning.merge), in the results next to its merged AUC.
+SHARDED = ("sisa/auc", "apa_weights/auc", "apa_outputs/auc", "shard_auc_mean")
+
+
 def trial_row(spec: dict, result, interrupted: bool) -> dict:
     """What one trial did, from its fedsim checkpoint (present once a round finished)."""
     cfg, run_dir = spec["config"], Path(spec["run_dir"])
@@ -54,6 +58,14 @@ def trial_row(spec: dict, result, interrupted: bool) -> dict:
         summary = json.loads(path.read_text()) if path.exists() else {}
         if summary.get("complete"):
             row["wall_seconds"] = summary["wall_seconds"]  # includes the final export
+    elif (run_dir / "summary.json").exists():  # a sharded run (unlearning.shards): no checkpoint of its own
+        summary = json.loads((run_dir / "summary.json").read_text())
+        if summary.get("complete") and "unlearning" in summary:
+            final = summary["final"]
+            row.update({k: final.get(k, NAN) for k in (*METRICS, *CI, *SHARDED)})
+            row.update(rounds=cfg["train"]["rounds"], wall_seconds=summary["wall_seconds"],
+                       train_seconds=summary["train_seconds"],
+                       mlflow_run_id=summary.get("mlflow_run_id"))
     if result is not None and result.error:
         row["status"] = "ERROR"
     elif row["rounds"] == cfg["train"]["rounds"]:
