@@ -28,10 +28,15 @@ class ConfigError(ValueError):
 
 @dataclass
 class SyntheticConfig:
+    # Synthetic users.
     num_users: int = 200
+    # Synthetic items (movie-like titles).
     num_items: int = 300
+    # Ratings each user gives (distinct items; at most num_items).
     ratings_per_user: int = 40
+    # Taste clusters the users are drawn from.
     num_clusters: int = 4
+    # How strongly a rating follows user-item affinity (larger: cleaner signal).
     taste_strength: float = 2.0
     # Clusters' like-tendency spans [-generosity, generosity] (null: [-0.25, 0.75]); large values
     # make labels follow each user's own history (fedsim.data.synthetic).
@@ -40,6 +45,7 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
+    # The ratings: MovieLens-100K (fetched and hash-checked on first use) or synthetic users with planted tastes.
     dataset: Literal["movielens-100k", "synthetic"] = "movielens-100k"
     # global: every rating with an earlier one, split by global time (most test users are new).
     # tallrec: TALLRec's protocol (exactly history_len earlier ratings, the keep_last = 10,000 most
@@ -51,30 +57,41 @@ class DataConfig:
     # The prompt template: {liked}, {disliked}, {target}; null = TALLRec's wording
     # (fedsim.data.prompt). It must end where the answer starts ("Answer:").
     prompt: Optional[str] = None
+    # Most recent earlier ratings of the user shown in each prompt.
     history_len: int = 10
+    # A rating above this counts as liked (label Yes); at or below, disliked.
     like_threshold: float = 3.0
+    # Fractions (train, valid, test) of the samples, split by time.
     split: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
     # A fixed random subset of the valid and test splits, drawn before users are split into clients,
     # so runs with different client counts are scored on the same rows. None keeps every row.
     max_eval_rows: Optional[int] = None
     # Per-client caps on rows of each split; None keeps all rows.
     max_train_per_client: Optional[int] = None
+    # Per-client cap on valid rows; None keeps all rows.
     max_valid_per_client: Optional[int] = None
+    # Per-client cap on test rows; None keeps all rows.
     max_test_per_client: Optional[int] = None
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
 @dataclass
 class PartitionConfig:
+    # How users are split into clients: iid (random), dirichlet (per taste group, Dirichlet(alpha) shares per client), kmeans (one taste cluster per client).
     method: Literal["iid", "dirichlet", "kmeans"] = "iid"
+    # Dirichlet concentration for method dirichlet: small values give skewed, non-IID clients.
     alpha: float = 0.5
 
 
 @dataclass
 class LoraConfig:
+    # LoRA rank.
     r: int = 8
+    # LoRA scaling numerator (the update is scaled by alpha / r).
     alpha: int = 16
+    # Dropout on the LoRA input.
     dropout: float = 0.05
+    # Module names that get LoRA adapters.
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     # Adapt only the last k decoder layers (null: every layer); cheaper steps, see fedsim.models.lora.
     top_layers: Optional[int] = None
@@ -84,7 +101,9 @@ class LoraConfig:
 class ModelConfig:
     # `smollm2-135m` (embedded real default), `tiny-random`, or any HF causal LM name / local path.
     name: str = "smollm2-135m"
+    # Weights' dtype; auto: bfloat16 on a GPU, float32 on a CPU.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # Prompt tokens kept (longer prompts are truncated from the left).
     max_length: int = 256
     lora: LoraConfig = field(default_factory=LoraConfig)
     # Decoder layers of the `tiny-random` model (storage.mode split needs at least 3).
@@ -93,6 +112,7 @@ class ModelConfig:
 
 @dataclass
 class ClientsConfig:
+    # Number of clients (users are split among them).
     num: int = 4
     # Clients sampled per round: an int count, or a fraction of `num` when <= 1.0 and a float.
     per_round: Union[int, float] = 1.0
@@ -106,9 +126,11 @@ class ClientsConfig:
 class ExecutorsConfig:
     # 0 = one actor per client; k > 0 = a pool of k actors serving the clients as virtual clients.
     num: int = 0
+    # CPUs Ray reserves for each executor actor.
     num_cpus: float = 1.0
     # "auto": 1/(actors per GPU) when the cluster has GPUs, else 0.
     num_gpus: Union[float, Literal["auto"]] = "auto"
+    # Times Ray restarts a crashed executor actor.
     max_restarts: int = 3
     # Train the clients an executor serves in a round together (fedsim.models.fused): one
     # forward/backward over all their batches, each row through its own client's LoRA.
@@ -123,18 +145,25 @@ class ExecutorsConfig:
 
 @dataclass
 class TrainConfig:
+    # Federated rounds.
     rounds: int = 3
     # Local work per client per round: `local_steps` optimizer steps, or `local_epochs` over the
     # client's train rows when local_steps is None.
     local_steps: Optional[int] = 8
+    # Epochs over the client's train rows per round (when local_steps is None).
     local_epochs: Optional[float] = None
+    # Rows per local optimizer step.
     batch_size: int = 4
+    # Local learning rate (AdamW).
     lr: float = 1e-3
     # The lr over the run's local steps (fedsim.client.schedule): linear warm-up over the first
     # `warmup` fraction, then constant, linear or cosine decay to 0 (warm-up + decay = one-cycle).
     schedule: Literal["constant", "linear", "cosine"] = "constant"
+    # Fraction of the run's local steps spent warming the lr up (in [0, 1)).
     warmup: float = 0.0
+    # AdamW weight decay on the LoRA parameters.
     weight_decay: float = 0.0
+    # Seed of every random choice (data, partition, sampling, init, noise, bootstrap).
     seed: int = 0
 
 
@@ -142,13 +171,18 @@ class TrainConfig:
 class PPLRConfig:
     # PPLR dynamic balance: w_i = tanh(alpha / p_i^(round + 1/beta)), p = softmax(train losses / temperature).
     alpha: float = 0.7
+    # PPLR's beta in the exponent round + 1/beta.
     beta: float = 1.0
+    # Softmax temperature over the clients' train losses.
     temperature: float = 0.05
     # Next-round learning rate from each client's standing: `loss_gap` scales base lr by
     # clip(1 + lr_gamma * z-score of the client's last train loss, lr_min_scale, lr_max_scale).
     lr_rule: Literal["none", "loss_gap"] = "loss_gap"
+    # loss_gap: how much the z-score of a client's loss moves its lr.
     lr_gamma: float = 0.5
+    # loss_gap: the lowest lr multiplier.
     lr_min_scale: float = 0.5
+    # loss_gap: the highest lr multiplier.
     lr_max_scale: float = 2.0
     # What s_ij compares: `adapter` (theta_i, as in the paper) or `update` (theta_i - theta_0, what
     # the client has learned since the shared init; with a shared init the adapters' cosine is
@@ -162,6 +196,7 @@ class PPLRConfig:
 
 @dataclass
 class StrategyConfig:
+    # Aggregation rule: fedavg (weighted by train rows) or pplr (dynamic balance, with strategy.pplr).
     name: Literal["fedavg", "pplr"] = "fedavg"
     pplr: PPLRConfig = field(default_factory=PPLRConfig)
     # How LoRA factors are shared (fedsim.models.lora): `separate` averages A and B apart (inexact:
@@ -173,8 +208,11 @@ class StrategyConfig:
 
 @dataclass
 class EvalConfig:
+    # The split the federated model and baselines are scored on.
     split: Literal["test", "valid"] = "test"
+    # Evaluate every this many rounds (the last round always).
     every: int = 1
+    # Rows per scoring forward pass.
     batch_size: int = 16
     # Clients evaluated: None = every client; an int count or a float fraction (<= 1) of clients.num,
     # a fixed random subset drawn once from train.seed, so every evaluation scores the same clients.
@@ -196,8 +234,11 @@ class FaultsConfig:
 
 @dataclass
 class TrackingConfig:
+    # Log the run to MLflow.
     enabled: bool = True
+    # MLflow tracking URI; null: --tracking-uri, else $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db.
     uri: Optional[str] = None
+    # MLflow experiment name (created when missing).
     experiment: str = "fedsim"
 
 
@@ -206,20 +247,30 @@ class ClientDPConfig:
     """Client-level DP-FedAvg (McMahan et al. 2018): clip each client's update, average uniformly,
     add Gaussian noise on the server. Set exactly one of `epsilon` (a target for the whole run, the
     noise is calibrated to it) and `noise_multiplier`."""
+    # Turn client-level DP on.
     enabled: bool = False
+    # Target epsilon for the whole run (noise calibrated to it).
     epsilon: Optional[float] = None
+    # Noise std / clip, instead of an epsilon target.
     noise_multiplier: Optional[float] = None
+    # DP delta; must be < 1/clients.num.
     delta: float = 1e-5
+    # L2 bound on each client's update.
     clip: float = 1.0
+    # Opacus accountant: rdp or prv.
     accountant: Literal["rdp", "prv"] = "rdp"
 
 
 @dataclass
 class DPLoraConfig:
     """Local Gaussian mechanism on the LoRA A and B parts of each client's update, clipped apart."""
+    # Turn DP-LoRA on.
     enabled: bool = False
+    # L2 bound on each of the A and B parts of an update.
     clip: float = 1.0
+    # Noise std / clip.
     noise_multiplier: float = 1.0
+    # DP delta of the reported epsilon.
     delta: float = 1e-5
 
 
@@ -228,11 +279,17 @@ class SampleDPConfig:
     """Record-level DP-SGD on each client (Opacus): Poisson-sampled batches, per-sample clipping,
     Gaussian noise. Set exactly one of `epsilon` (a per-client target over the whole run) and
     `noise_multiplier`."""
+    # Turn record-level DP-SGD on.
     enabled: bool = False
+    # Per-client target epsilon over the whole run.
     epsilon: Optional[float] = None
+    # Noise std / max_grad_norm, instead of an epsilon target.
     noise_multiplier: Optional[float] = None
+    # DP delta.
     delta: float = 1e-5
+    # Per-sample gradient clip.
     max_grad_norm: float = 1.0
+    # Opacus accountant: rdp or prv.
     accountant: Literal["rdp", "prv"] = "rdp"
 
 
@@ -242,8 +299,11 @@ class SecAggConfig:
     the aggregator holds only masked vectors and their sum. Updates are encoded in fixed point with
     `scale_bits` fractional bits in the ring of integers mod 2^`bits` (32: int32 on the wire, else
     int64); a weighted entry may be up to about 2^(bits - 1 - scale_bits) / (clients per round)."""
+    # Turn secure aggregation on.
     enabled: bool = False
+    # Ring size in bits (16 to 64).
     bits: int = 48
+    # Fractional bits of the fixed-point encoding.
     scale_bits: int = 24
 
 
@@ -254,8 +314,11 @@ class HEConfig:
     context and a key-holder actor decrypts only their sum. CKKS is approximate: an entry of the sum
     is off by about 2^-scale_bits times the clients per round; uploads are about 14 times bigger
     than float32 at the default sizes. `poly_modulus_degree` / 2 entries go in one ciphertext."""
+    # Turn CKKS homomorphic aggregation on (needs fedsim[he]).
     enabled: bool = False
+    # CKKS ring degree: 8192, 16384 or 32768.
     poly_modulus_degree: int = 8192
+    # CKKS scale in bits (20 to 50).
     scale_bits: int = 40
 
 
@@ -263,7 +326,9 @@ class HEConfig:
 class AuditConfig:
     """Loss-threshold membership-inference attack on the final model: rows a client trained on
     against held-out rows of the same users; 0.5 = nothing to tell them apart."""
+    # Run the membership-inference audit after the last round.
     enabled: bool = False
+    # Member and non-member rows scored per client.
     rows_per_client: int = 64
 
 
@@ -283,8 +348,11 @@ class StorageConfig:
     layers [0, client_layers), the last decoder layer, the final norm and the LM head, with their
     LoRA private; a server actor holds layers [client_layers, L-1), whose LoRA is aggregated.
     1 <= client_layers <= L-2 is checked against the model before any actor starts."""
+    # full: each client runs the whole model; split: PPLR flexible storage (see above).
     mode: Literal["full", "split"] = "full"
+    # Leading decoder layers kept on the client (split).
     client_layers: int = 1
+    # CPUs of the actor holding the middle layers (split).
     server_num_cpus: float = 1.0
     # "auto": the same GPU fraction as one executor (0 on a cluster without GPUs).
     server_num_gpus: Union[float, Literal["auto"]] = "auto"
@@ -292,7 +360,9 @@ class StorageConfig:
 
 @dataclass
 class Config:
+    # The run's name: the MLflow run name and the prefix of its directory runs/<name>-<timestamp>.
     name: str = "run"
+    # Where run directories are created.
     output_dir: str = "runs"
     data: DataConfig = field(default_factory=DataConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
