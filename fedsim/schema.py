@@ -35,6 +35,7 @@ class SyntheticConfig:
     # Ratings each user gives (distinct items; at most num_items).
     ratings_per_user: int = 40
     # Taste clusters the users are drawn from.
+    # Clusters make partitions non-IID; the "training works" tests set generosity 3.0.
     num_clusters: int = 4
     # How strongly a rating follows user-item affinity (larger: cleaner signal).
     taste_strength: float = 2.0
@@ -56,12 +57,15 @@ class DataConfig:
     item_text: Literal["title_year", "title"] = "title_year"
     # The prompt template: {liked}, {disliked}, {target}; null = TALLRec's wording
     # (fedsim.data.prompt). It must end where the answer starts ("Answer:").
+    # An unknown placeholder or a missing {target} is an error.
     prompt: Optional[str] = None
     # Most recent earlier ratings of the user shown in each prompt.
+    # Liked and disliked items together.
     history_len: int = 10
     # A rating above this counts as liked (label Yes); at or below, disliked.
     like_threshold: float = 3.0
     # Fractions (train, valid, test) of the samples, split by time.
+    # By global time (protocol global).
     split: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
     # A fixed random subset of the valid and test splits, drawn before users are split into clients,
     # so runs with different client counts are scored on the same rows. None keeps every row.
@@ -78,6 +82,7 @@ class DataConfig:
 @dataclass
 class PartitionConfig:
     # How users are split into clients: iid (random), dirichlet (per taste group, Dirichlet(alpha) shares per client), kmeans (one taste cluster per client).
+    # kmeans is PPLR's: k-means over unit-length user embeddings.
     method: Literal["iid", "dirichlet", "kmeans"] = "iid"
     # Dirichlet concentration for method dirichlet: small values give skewed, non-IID clients.
     alpha: float = 0.5
@@ -94,16 +99,20 @@ class LoraConfig:
     # Module names that get LoRA adapters.
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     # Adapt only the last k decoder layers (null: every layer); cheaper steps, see fedsim.models.lora.
+    # Backward then stops at the first adapted layer: a step costs a forward plus k/L of a backward.
     top_layers: Optional[int] = None
 
 
 @dataclass
 class ModelConfig:
     # `smollm2-135m` (embedded real default), `tiny-random`, or any HF causal LM name / local path.
+    # `smollm2-135m-shape`: random weights of SmolLM2-135M's size and a word tokenizer (GPU benchmarks); `tiny-random` is a 2-layer Llama with a word tokenizer (tests).
     name: str = "smollm2-135m"
     # Weights' dtype; auto: bfloat16 on a GPU, float32 on a CPU.
+    # LoRA weights stay float32.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # Prompt tokens kept (longer prompts are truncated from the left).
+    # The history is cut, never the target.
     max_length: int = 256
     lora: LoraConfig = field(default_factory=LoraConfig)
     # Decoder layers of the `tiny-random` model (storage.mode split needs at least 3).
@@ -127,6 +136,7 @@ class ExecutorsConfig:
     # 0 = one actor per client; k > 0 = a pool of k actors serving the clients as virtual clients.
     num: int = 0
     # CPUs Ray reserves for each executor actor.
+    # Torch threads = its integer part.
     num_cpus: float = 1.0
     # "auto": 1/(actors per GPU) when the cluster has GPUs, else 0.
     num_gpus: Union[float, Literal["auto"]] = "auto"
@@ -134,12 +144,14 @@ class ExecutorsConfig:
     max_restarts: int = 3
     # Train the clients an executor serves in a round together (fedsim.models.fused): one
     # forward/backward over all their batches, each row through its own client's LoRA.
+    # Exactly what one-by-one training gives; not with privacy.sample_dp.
     fused: bool = False
     # Most rows in one fused forward/backward; a step with more runs as several passes over whole
     # clients, gradients accumulated (bounds activation memory). None: all of a step's rows at once.
     fused_rows: Optional[int] = None
     # torch.compile each executor's decoder (dynamic shapes): pays a compile per executor (minutes
     # on a CPU) for faster steps on a GPU.
+    # Not with privacy.sample_dp.
     compile: bool = False
 
 
@@ -153,11 +165,13 @@ class TrainConfig:
     # Epochs over the client's train rows per round (when local_steps is None).
     local_epochs: Optional[float] = None
     # Rows per local optimizer step.
+    # Each client's AdamW state persists across rounds.
     batch_size: int = 4
     # Local learning rate (AdamW).
     lr: float = 1e-3
     # The lr over the run's local steps (fedsim.client.schedule): linear warm-up over the first
     # `warmup` fraction, then constant, linear or cosine decay to 0 (warm-up + decay = one-cycle).
+    # Client k's step s in round r is global step r * steps + s, so the schedule is the same fused or unfused, on any actor, and after a resume.
     schedule: Literal["constant", "linear", "cosine"] = "constant"
     # Fraction of the run's local steps spent warming the lr up (in [0, 1)).
     warmup: float = 0.0
@@ -177,6 +191,7 @@ class PPLRConfig:
     temperature: float = 0.05
     # Next-round learning rate from each client's standing: `loss_gap` scales base lr by
     # clip(1 + lr_gamma * z-score of the client's last train loss, lr_min_scale, lr_max_scale).
+    # Lagging clients learn faster; `none` keeps the base lr.
     lr_rule: Literal["none", "loss_gap"] = "loss_gap"
     # loss_gap: how much the z-score of a client's loss moves its lr.
     lr_gamma: float = 0.5
@@ -203,12 +218,14 @@ class StrategyConfig:
     # mean(B A) != mean(B) mean(A)); `ffa` freezes A at the shared init, only B is trained and sent
     # (exact); `fedsa` sends only A, each client keeps its own B (personalised); `stack` (FLoRA)
     # stacks the clients' fresh factors, sum_k p_k B_k A_k exactly, and merges it into the base.
+    # ffa sends about half the traffic; stack downloads the dense update and merges it into the base each round.
     lora_mode: Literal["separate", "ffa", "fedsa", "stack"] = "separate"
 
 
 @dataclass
 class EvalConfig:
     # The split the federated model and baselines are scored on.
+    # Every client is evaluated on its own rows of this split; the pooled AUC is over all of them.
     split: Literal["test", "valid"] = "test"
     # Evaluate every this many rounds (the last round always).
     every: int = 1
@@ -220,6 +237,7 @@ class EvalConfig:
     # Rows each evaluated client scores at the evaluations before the last round (a fixed seeded
     # subset, the same every time); the last evaluation scores every row. None: every row always.
     # Scoring is most of a CPU run's evaluation cost; a subset still shows the learning curve.
+    # Interim AUCs carry wider intervals.
     interim_rows: Optional[int] = None
 
 
@@ -229,6 +247,7 @@ class FaultsConfig:
     quorum: float = 0.5
     # Chaos testing: kill the executor process serving `client` when it starts round `round`
     # (once per run), to rehearse dropout and actor restarts. Entries: {round: r, client: c}.
+    # Each entry kills that client's actor once.
     crash: list[dict[str, int]] = field(default_factory=list)
 
 
@@ -256,8 +275,10 @@ class ClientDPConfig:
     # DP delta; must be < 1/clients.num.
     delta: float = 1e-5
     # L2 bound on each client's update.
+    # The m sampled clients' clipped updates are averaged uniformly; the server adds N(0, (z*C/m)^2).
     clip: float = 1.0
     # Opacus accountant: rdp or prv.
+    # One accountant step per round at q = m/N.
     accountant: Literal["rdp", "prv"] = "rdp"
 
 
@@ -267,6 +288,7 @@ class DPLoraConfig:
     # Turn DP-LoRA on.
     enabled: bool = False
     # L2 bound on each of the A and B parts of an update.
+    # The parts are clipped and noised before upload.
     clip: float = 1.0
     # Noise std / clip.
     noise_multiplier: float = 1.0
@@ -290,6 +312,7 @@ class SampleDPConfig:
     # Per-sample gradient clip.
     max_grad_norm: float = 1.0
     # Opacus accountant: rdp or prv.
+    # One accountant per client.
     accountant: Literal["rdp", "prv"] = "rdp"
 
 
@@ -300,6 +323,7 @@ class SecAggConfig:
     `scale_bits` fractional bits in the ring of integers mod 2^`bits` (32: int32 on the wire, else
     int64); a weighted entry may be up to about 2^(bits - 1 - scale_bits) / (clients per round)."""
     # Turn secure aggregation on.
+    # Masks from X25519 + HKDF; dropped clients' masks are recovered from the survivors.
     enabled: bool = False
     # Ring size in bits (16 to 64).
     bits: int = 48
@@ -327,6 +351,7 @@ class AuditConfig:
     """Loss-threshold membership-inference attack on the final model: rows a client trained on
     against held-out rows of the same users; 0.5 = nothing to tell them apart."""
     # Run the membership-inference audit after the last round.
+    # Logged as privacy/mia_auc (0.5 = no leakage).
     enabled: bool = False
     # Member and non-member rows scored per client.
     rows_per_client: int = 64
@@ -351,8 +376,10 @@ class StorageConfig:
     # full: each client runs the whole model; split: PPLR flexible storage (see above).
     mode: Literal["full", "split"] = "full"
     # Leading decoder layers kept on the client (split).
+    # The client keeps decoder layers [0, k) and the last one; the server layers [k, L-1); 1 <= k <= L-2.
     client_layers: int = 1
     # CPUs of the actor holding the middle layers (split).
+    # The split server actor's resources (see server_num_gpus).
     server_num_cpus: float = 1.0
     # "auto": the same GPU fraction as one executor (0 on a cluster without GPUs).
     server_num_gpus: Union[float, Literal["auto"]] = "auto"
