@@ -15,7 +15,8 @@ LAYERS = [
     ("models", ["fedsim.models"]),
     ("privacy mechanisms", ["fedsim.privacy"]),
     ("chain, client, server", ["fedsim.postprocessors", "fedsim.client", "fedsim.server", "fedsim.baselines"]),
-    ("driver", ["fedsim.config", "fedsim.prepare", "fedsim.simulation", "fedsim.compare", "fedsim.report", "fedsim.tracking"]),
+    ("driver", ["fedsim.config", "fedsim.prepare", "fedsim.simulation", "fedsim.compare", "fedsim.report", "fedsim.tracking",
+                "fedsim.reference"]),
     ("entry points", ["fedsim.tuning", "fedsim.cli"]),
 ]
 APART = [("fedsim.client", "fedsim.server"), ("fedsim.server", "fedsim.client")]
