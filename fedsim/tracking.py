@@ -12,6 +12,7 @@ from pathlib import Path
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 # MLflow checks a dataset digest's length: the first 32 hex digits (128 bits) of the data's sha256.
 DIGEST_CHARS = 32
+MAX_NOTE = 8000
 
 
 def default_uri() -> str:
@@ -122,8 +123,10 @@ class Tracker:
                      [DatasetInput(ds, tags=[InputTag("mlflow.data.context", "training")])])
 
     def set_note(self, text: str) -> None:
-        """The run page's description (Overview tab)."""
+        """The run page's description (Overview tab); MLflow caps a tag value at 8,000 characters."""
         if self.enabled and self.run_id:
+            if len(text) > MAX_NOTE:
+                text = text[:MAX_NOTE - 40] + "\n... (the full table: summary.json)"
             retry_locked(self.client.set_tag, self.run_id, "mlflow.note.content", text)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:

@@ -114,7 +114,9 @@ def test_tiny_run_against_mlflow_server_read_back_over_rest(ray_local, tiny_cfg,
     t.start("r", {"train.lr": 0.001})
     t.log_dataset({"name": "synthetic", "sha256": "ab" * 32, "source_type": "code",
                    "source": {"tags": {"seed": 0}}, "profile": {"samples": {"train": 10}}})
+    t.set_note("x" * 20000)  # a summary table of many clients: cut to MLflow's 8,000-character tag limit
     t.end()
+    assert len(client.get_run(t.run_id).data.tags["mlflow.note.content"]) <= 8000
     exp = client.get_experiment_by_name("made-before")
     assert exp.experiment_id == old and exp.tags["mlflow.experimentKind"] == "custom_model_development"
     (ds,) = client.get_run(t.run_id).inputs.dataset_inputs
