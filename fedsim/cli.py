@@ -1,4 +1,4 @@
-"""`fedsim` command line: run, unlearn, tune, compare, data fetch, model fetch, baselines."""
+"""`fedsim` command line: run, unlearn, tune, compare, config, data fetch, model fetch, baselines."""
 from __future__ import annotations
 
 import argparse
@@ -119,6 +119,27 @@ def cmd_compare(a) -> int:
     return 0
 
 
+def cmd_config_show(a) -> int:
+    import yaml
+
+    from fedsim.config import to_dict
+
+    cfg = load_config(a.config, a.set)
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    return 0
+
+
+def cmd_config_reference(a) -> int:
+    from fedsim.reference import reference_markdown
+
+    text = reference_markdown()
+    if a.output:
+        Path(a.output).write_text(text)
+    else:
+        print(text, end="")
+    return 0
+
+
 def bench_module():
     """benchmarks/throughput.py of this source checkout (None when fedsim is installed without it)."""
     import importlib.util
@@ -166,6 +187,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///./mlflow.db)")
     t.add_argument("--summary-json", metavar="PATH", help="also write the results here")
     t.set_defaults(fn=cmd_tune)
+
+    g = sub.add_parser("config", help="show a resolved config, or the reference of every key")
+    gsub = g.add_subparsers(dest="action", required=True)
+    f = gsub.add_parser("show", help="print CONFIG with --set applied and every default filled in (YAML)")
+    f.add_argument("config", nargs="?", help="experiment YAML (none: the defaults)")
+    f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    f.set_defaults(fn=cmd_config_show)
+    f = gsub.add_parser("reference", help="the configuration reference (Markdown) generated from fedsim/schema.py")
+    f.add_argument("--output", metavar="PATH", help="write it here (docs/configuration.md) instead of stdout")
+    f.set_defaults(fn=cmd_config_reference)
 
     d = sub.add_parser("data", help="datasets")
     dsub = d.add_subparsers(dest="action", required=True)

@@ -3,12 +3,13 @@ resolve the model, and score the conventional baselines on exactly the rows the 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from fedsim.data.movielens import load_movielens_100k
+from fedsim.data.movielens import GROUPLENS_URL, RATINGS_SHA256, load_movielens_100k, ratings_sha256
 from fedsim.data.partition import assign_shards, partition_users, shard_stats, write_shard_files
 from fedsim.data.prompt import EXTRA_WORDS, prompt_template
 from fedsim.data.samples import build_samples, item_texts, user_embeddings
@@ -24,6 +25,21 @@ def load_ratings(cfg, log=print) -> tuple[pd.DataFrame, pd.DataFrame]:
     return make_synthetic(num_users=s.num_users, num_items=s.num_items, ratings_per_user=s.ratings_per_user,
                           num_clusters=s.num_clusters, taste_strength=s.taste_strength, seed=cfg.train.seed,
                           generosity=s.generosity)
+
+
+def data_identity(cfg, samples: pd.DataFrame, log=print) -> dict:
+    """What the run's data is, for MLflow's dataset input: the ratings' sha256 (MovieLens: the pinned
+    hash its loader checks; synthetic: of the generated ratings), their source, the sample counts."""
+    d = cfg.data
+    if d.dataset == "movielens-100k":
+        sha, source_type, source = RATINGS_SHA256, "http", {"url": GROUPLENS_URL}
+    else:  # regenerating the synthetic ratings is cheap and keeps build_all_samples' shape
+        sha, source_type = ratings_sha256(load_ratings(cfg, log)[0]), "code"
+        source = {"tags": {"generator": "fedsim.data.synthetic.make_synthetic", "seed": cfg.train.seed,
+                           **asdict(d.synthetic)}}
+    counts = {s: int((samples["split"] == s).sum()) for s in ("train", "valid", "test")}
+    return {"name": d.dataset, "sha256": sha, "source_type": source_type, "source": source,
+            "profile": {"ratings_sha256": sha, "protocol": d.protocol, "samples": counts}}
 
 
 def build_all_samples(cfg, log=print) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -122,6 +138,7 @@ def prepare(cfg, run_dir: Path, log=print) -> dict:
         "model_path": model_path,
         "baselines": baselines,
         "samples": {s: int((samples["split"] == s).sum()) for s in ("train", "valid", "test")},
+        "data": data_identity(cfg, samples, log),
         "partition": stats.to_dict(orient="records"),
     }
     info_path.write_text(json.dumps(info, indent=1, default=float))

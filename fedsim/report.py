@@ -13,6 +13,19 @@ def fmt_seconds(s: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
+HEADLINE = ("auc", "auc_ci_low", "auc_ci_high", "logloss", "accuracy", "auc_min", "auc_gap")
+
+
+def headline_metrics(summary: dict) -> dict[str, float]:
+    """The numbers a reader looks for first, as MLflow metrics under `summary/` (one chart section
+    and runs-table columns): the final model's pooled scores and fairness spread, the paired AUC
+    difference against each baseline, the traffic and the wall time."""
+    out = {f"summary/{k}": summary["final"][k] for k in HEADLINE if k in summary["final"]}
+    out.update({f"summary/auc_minus_{name}": d["diff"] for name, d in summary.get("paired_vs_baselines", {}).items()})
+    out.update({f"summary/{k}": summary[k] for k in ("bytes_up", "bytes_down", "wall_seconds")})
+    return out
+
+
 class Progress:
     """Round, clients finished, ETA. Rewrites one line on a terminal, prints plain lines in logs."""
 

@@ -28,10 +28,16 @@ class ConfigError(ValueError):
 
 @dataclass
 class SyntheticConfig:
+    # Synthetic users.
     num_users: int = 200
+    # Synthetic items (movie-like titles).
     num_items: int = 300
+    # Ratings each user gives (distinct items; at most num_items).
     ratings_per_user: int = 40
+    # Taste clusters the users are drawn from.
+    # Clusters make partitions non-IID; the "training works" tests set generosity 3.0.
     num_clusters: int = 4
+    # How strongly a rating follows user-item affinity (larger: cleaner signal).
     taste_strength: float = 2.0
     # Clusters' like-tendency spans [-generosity, generosity] (null: [-0.25, 0.75]); large values
     # make labels follow each user's own history (fedsim.data.synthetic).
@@ -40,6 +46,7 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
+    # The ratings: MovieLens-100K (fetched and hash-checked on first use) or synthetic users with planted tastes.
     dataset: Literal["movielens-100k", "synthetic"] = "movielens-100k"
     # global: every rating with an earlier one, split by global time (most test users are new).
     # tallrec: TALLRec's protocol (exactly history_len earlier ratings, the keep_last = 10,000 most
@@ -50,41 +57,62 @@ class DataConfig:
     item_text: Literal["title_year", "title"] = "title_year"
     # The prompt template: {liked}, {disliked}, {target}; null = TALLRec's wording
     # (fedsim.data.prompt). It must end where the answer starts ("Answer:").
+    # An unknown placeholder or a missing {target} is an error.
     prompt: Optional[str] = None
+    # Most recent earlier ratings of the user shown in each prompt.
+    # Liked and disliked items together.
     history_len: int = 10
+    # A rating above this counts as liked (label Yes); at or below, disliked.
     like_threshold: float = 3.0
+    # Fractions (train, valid, test) of the samples, split by time.
+    # By global time (protocol global).
     split: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
     # A fixed random subset of the valid and test splits, drawn before users are split into clients,
     # so runs with different client counts are scored on the same rows. None keeps every row.
     max_eval_rows: Optional[int] = None
     # Per-client caps on rows of each split; None keeps all rows.
     max_train_per_client: Optional[int] = None
+    # Per-client cap on valid rows; None keeps all rows.
     max_valid_per_client: Optional[int] = None
+    # Per-client cap on test rows; None keeps all rows.
     max_test_per_client: Optional[int] = None
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
 @dataclass
 class PartitionConfig:
+    # How users are split into clients: iid (random), dirichlet (per taste group, Dirichlet(alpha) shares per client), kmeans (one taste cluster per client).
+    # kmeans is PPLR's: k-means over unit-length user embeddings.
     method: Literal["iid", "dirichlet", "kmeans"] = "iid"
+    # Dirichlet concentration for method dirichlet: small values give skewed, non-IID clients.
     alpha: float = 0.5
 
 
 @dataclass
 class LoraConfig:
+    # LoRA rank.
     r: int = 8
+    # LoRA scaling numerator (the update is scaled by alpha / r).
     alpha: int = 16
+    # Dropout on the LoRA input.
     dropout: float = 0.05
+    # Module names that get LoRA adapters.
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     # Adapt only the last k decoder layers (null: every layer); cheaper steps, see fedsim.models.lora.
+    # Backward then stops at the first adapted layer: a step costs a forward plus k/L of a backward.
     top_layers: Optional[int] = None
 
 
 @dataclass
 class ModelConfig:
     # `smollm2-135m` (embedded real default), `tiny-random`, or any HF causal LM name / local path.
+    # `smollm2-135m-shape`: random weights of SmolLM2-135M's size and a word tokenizer (GPU benchmarks); `tiny-random` is a 2-layer Llama with a word tokenizer (tests).
     name: str = "smollm2-135m"
+    # Weights' dtype; auto: bfloat16 on a GPU, float32 on a CPU.
+    # LoRA weights stay float32.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # Prompt tokens kept (longer prompts are truncated from the left).
+    # The history is cut, never the target.
     max_length: int = 256
     lora: LoraConfig = field(default_factory=LoraConfig)
     # Decoder layers of the `tiny-random` model (storage.mode split needs at least 3).
@@ -93,6 +121,7 @@ class ModelConfig:
 
 @dataclass
 class ClientsConfig:
+    # Number of clients (users are split among them).
     num: int = 4
     # Clients sampled per round: an int count, or a fraction of `num` when <= 1.0 and a float.
     per_round: Union[int, float] = 1.0
@@ -106,35 +135,49 @@ class ClientsConfig:
 class ExecutorsConfig:
     # 0 = one actor per client; k > 0 = a pool of k actors serving the clients as virtual clients.
     num: int = 0
+    # CPUs Ray reserves for each executor actor.
+    # Torch threads = its integer part.
     num_cpus: float = 1.0
     # "auto": 1/(actors per GPU) when the cluster has GPUs, else 0.
     num_gpus: Union[float, Literal["auto"]] = "auto"
+    # Times Ray restarts a crashed executor actor.
     max_restarts: int = 3
     # Train the clients an executor serves in a round together (fedsim.models.fused): one
     # forward/backward over all their batches, each row through its own client's LoRA.
+    # Exactly what one-by-one training gives; not with privacy.sample_dp.
     fused: bool = False
     # Most rows in one fused forward/backward; a step with more runs as several passes over whole
     # clients, gradients accumulated (bounds activation memory). None: all of a step's rows at once.
     fused_rows: Optional[int] = None
     # torch.compile each executor's decoder (dynamic shapes): pays a compile per executor (minutes
     # on a CPU) for faster steps on a GPU.
+    # Not with privacy.sample_dp.
     compile: bool = False
 
 
 @dataclass
 class TrainConfig:
+    # Federated rounds.
     rounds: int = 3
     # Local work per client per round: `local_steps` optimizer steps, or `local_epochs` over the
     # client's train rows when local_steps is None.
     local_steps: Optional[int] = 8
+    # Epochs over the client's train rows per round (when local_steps is None).
     local_epochs: Optional[float] = None
+    # Rows per local optimizer step.
+    # Each client's AdamW state persists across rounds.
     batch_size: int = 4
+    # Local learning rate (AdamW).
     lr: float = 1e-3
     # The lr over the run's local steps (fedsim.client.schedule): linear warm-up over the first
     # `warmup` fraction, then constant, linear or cosine decay to 0 (warm-up + decay = one-cycle).
+    # Client k's step s in round r is global step r * steps + s, so the schedule is the same fused or unfused, on any actor, and after a resume.
     schedule: Literal["constant", "linear", "cosine"] = "constant"
+    # Fraction of the run's local steps spent warming the lr up (in [0, 1)).
     warmup: float = 0.0
+    # AdamW weight decay on the LoRA parameters.
     weight_decay: float = 0.0
+    # Seed of every random choice (data, partition, sampling, init, noise, bootstrap).
     seed: int = 0
 
 
@@ -142,13 +185,19 @@ class TrainConfig:
 class PPLRConfig:
     # PPLR dynamic balance: w_i = tanh(alpha / p_i^(round + 1/beta)), p = softmax(train losses / temperature).
     alpha: float = 0.7
+    # PPLR's beta in the exponent round + 1/beta.
     beta: float = 1.0
+    # Softmax temperature over the clients' train losses.
     temperature: float = 0.05
     # Next-round learning rate from each client's standing: `loss_gap` scales base lr by
     # clip(1 + lr_gamma * z-score of the client's last train loss, lr_min_scale, lr_max_scale).
+    # Lagging clients learn faster; `none` keeps the base lr.
     lr_rule: Literal["none", "loss_gap"] = "loss_gap"
+    # loss_gap: how much the z-score of a client's loss moves its lr.
     lr_gamma: float = 0.5
+    # loss_gap: the lowest lr multiplier.
     lr_min_scale: float = 0.5
+    # loss_gap: the highest lr multiplier.
     lr_max_scale: float = 2.0
     # What s_ij compares: `adapter` (theta_i, as in the paper) or `update` (theta_i - theta_0, what
     # the client has learned since the shared init; with a shared init the adapters' cosine is
@@ -162,19 +211,25 @@ class PPLRConfig:
 
 @dataclass
 class StrategyConfig:
+    # Aggregation rule: fedavg (weighted by train rows) or pplr (dynamic balance, with strategy.pplr).
     name: Literal["fedavg", "pplr"] = "fedavg"
     pplr: PPLRConfig = field(default_factory=PPLRConfig)
     # How LoRA factors are shared (fedsim.models.lora): `separate` averages A and B apart (inexact:
     # mean(B A) != mean(B) mean(A)); `ffa` freezes A at the shared init, only B is trained and sent
     # (exact); `fedsa` sends only A, each client keeps its own B (personalised); `stack` (FLoRA)
     # stacks the clients' fresh factors, sum_k p_k B_k A_k exactly, and merges it into the base.
+    # ffa sends about half the traffic; stack downloads the dense update and merges it into the base each round.
     lora_mode: Literal["separate", "ffa", "fedsa", "stack"] = "separate"
 
 
 @dataclass
 class EvalConfig:
+    # The split the federated model and baselines are scored on.
+    # Every client is evaluated on its own rows of this split; the pooled AUC is over all of them.
     split: Literal["test", "valid"] = "test"
+    # Evaluate every this many rounds (the last round always).
     every: int = 1
+    # Rows per scoring forward pass.
     batch_size: int = 16
     # Clients evaluated: None = every client; an int count or a float fraction (<= 1) of clients.num,
     # a fixed random subset drawn once from train.seed, so every evaluation scores the same clients.
@@ -182,6 +237,7 @@ class EvalConfig:
     # Rows each evaluated client scores at the evaluations before the last round (a fixed seeded
     # subset, the same every time); the last evaluation scores every row. None: every row always.
     # Scoring is most of a CPU run's evaluation cost; a subset still shows the learning curve.
+    # Interim AUCs carry wider intervals.
     interim_rows: Optional[int] = None
 
 
@@ -191,13 +247,17 @@ class FaultsConfig:
     quorum: float = 0.5
     # Chaos testing: kill the executor process serving `client` when it starts round `round`
     # (once per run), to rehearse dropout and actor restarts. Entries: {round: r, client: c}.
+    # Each entry kills that client's actor once.
     crash: list[dict[str, int]] = field(default_factory=list)
 
 
 @dataclass
 class TrackingConfig:
+    # Log the run to MLflow.
     enabled: bool = True
+    # MLflow tracking URI; null: --tracking-uri, else $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db.
     uri: Optional[str] = None
+    # MLflow experiment name (created when missing).
     experiment: str = "fedsim"
 
 
@@ -206,20 +266,33 @@ class ClientDPConfig:
     """Client-level DP-FedAvg (McMahan et al. 2018): clip each client's update, average uniformly,
     add Gaussian noise on the server. Set exactly one of `epsilon` (a target for the whole run, the
     noise is calibrated to it) and `noise_multiplier`."""
+    # Turn client-level DP on.
     enabled: bool = False
+    # Target epsilon for the whole run (noise calibrated to it).
     epsilon: Optional[float] = None
+    # Noise std / clip, instead of an epsilon target.
     noise_multiplier: Optional[float] = None
+    # DP delta; must be < 1/clients.num.
     delta: float = 1e-5
+    # L2 bound on each client's update.
+    # The m sampled clients' clipped updates are averaged uniformly; the server adds N(0, (z*C/m)^2).
     clip: float = 1.0
+    # Opacus accountant: rdp or prv.
+    # One accountant step per round at q = m/N.
     accountant: Literal["rdp", "prv"] = "rdp"
 
 
 @dataclass
 class DPLoraConfig:
     """Local Gaussian mechanism on the LoRA A and B parts of each client's update, clipped apart."""
+    # Turn DP-LoRA on.
     enabled: bool = False
+    # L2 bound on each of the A and B parts of an update.
+    # The parts are clipped and noised before upload.
     clip: float = 1.0
+    # Noise std / clip.
     noise_multiplier: float = 1.0
+    # DP delta of the reported epsilon.
     delta: float = 1e-5
 
 
@@ -228,11 +301,18 @@ class SampleDPConfig:
     """Record-level DP-SGD on each client (Opacus): Poisson-sampled batches, per-sample clipping,
     Gaussian noise. Set exactly one of `epsilon` (a per-client target over the whole run) and
     `noise_multiplier`."""
+    # Turn record-level DP-SGD on.
     enabled: bool = False
+    # Per-client target epsilon over the whole run.
     epsilon: Optional[float] = None
+    # Noise std / max_grad_norm, instead of an epsilon target.
     noise_multiplier: Optional[float] = None
+    # DP delta.
     delta: float = 1e-5
+    # Per-sample gradient clip.
     max_grad_norm: float = 1.0
+    # Opacus accountant: rdp or prv.
+    # One accountant per client.
     accountant: Literal["rdp", "prv"] = "rdp"
 
 
@@ -242,8 +322,12 @@ class SecAggConfig:
     the aggregator holds only masked vectors and their sum. Updates are encoded in fixed point with
     `scale_bits` fractional bits in the ring of integers mod 2^`bits` (32: int32 on the wire, else
     int64); a weighted entry may be up to about 2^(bits - 1 - scale_bits) / (clients per round)."""
+    # Turn secure aggregation on.
+    # Masks from X25519 + HKDF; dropped clients' masks are recovered from the survivors.
     enabled: bool = False
+    # Ring size in bits (16 to 64).
     bits: int = 48
+    # Fractional bits of the fixed-point encoding.
     scale_bits: int = 24
 
 
@@ -254,8 +338,11 @@ class HEConfig:
     context and a key-holder actor decrypts only their sum. CKKS is approximate: an entry of the sum
     is off by about 2^-scale_bits times the clients per round; uploads are about 14 times bigger
     than float32 at the default sizes. `poly_modulus_degree` / 2 entries go in one ciphertext."""
+    # Turn CKKS homomorphic aggregation on (needs fedsim[he]).
     enabled: bool = False
+    # CKKS ring degree: 8192, 16384 or 32768.
     poly_modulus_degree: int = 8192
+    # CKKS scale in bits (20 to 50).
     scale_bits: int = 40
 
 
@@ -263,7 +350,10 @@ class HEConfig:
 class AuditConfig:
     """Loss-threshold membership-inference attack on the final model: rows a client trained on
     against held-out rows of the same users; 0.5 = nothing to tell them apart."""
+    # Run the membership-inference audit after the last round.
+    # Logged as privacy/mia_auc (0.5 = no leakage).
     enabled: bool = False
+    # Member and non-member rows scored per client.
     rows_per_client: int = 64
 
 
@@ -283,8 +373,13 @@ class StorageConfig:
     layers [0, client_layers), the last decoder layer, the final norm and the LM head, with their
     LoRA private; a server actor holds layers [client_layers, L-1), whose LoRA is aggregated.
     1 <= client_layers <= L-2 is checked against the model before any actor starts."""
+    # full: each client runs the whole model; split: PPLR flexible storage (see above).
     mode: Literal["full", "split"] = "full"
+    # Leading decoder layers kept on the client (split).
+    # The client keeps decoder layers [0, k) and the last one; the server layers [k, L-1); 1 <= k <= L-2.
     client_layers: int = 1
+    # CPUs of the actor holding the middle layers (split).
+    # The split server actor's resources (see server_num_gpus).
     server_num_cpus: float = 1.0
     # "auto": the same GPU fraction as one executor (0 on a cluster without GPUs).
     server_num_gpus: Union[float, Literal["auto"]] = "auto"
@@ -303,17 +398,25 @@ class UnlearningConfig:
     Inference merges the shard adapters per test row: the `neighbours` most similar validation
     rows (cosine on the same hidden states), each adapter's mean log loss on them, weights
     softmax(-tau * loss); `merge` weights = (sum w B)(sum w A), outputs = sum w B A x."""
+    # Number of shard adapters K: 0 = off, 1 = plain retraining (one adapter on every row).
     shards: int = 0
+    # How train rows go to shards: random (by row key), user (all of a user's rows together), semantic (APA's balanced k-means).
     partition: Literal["random", "user", "semantic"] = "user"
+    # Semantic partition's size cap per shard; null = ceil(N / shards).
     shard_size: Optional[int] = None
+    # Inference merge: weights = (sum w B)(sum w A), APA(D); outputs = sum w B A x, APA(ND).
     merge: Literal["weights", "outputs"] = "weights"
+    # Merge temperature: a shard's weight is softmax(-tau * its mean loss on the row's neighbours).
     tau: float = 10.0
+    # Nearest validation rows (cosine on the base model's hidden states) that weigh the shards per test row.
     neighbours: int = 20
 
 
 @dataclass
 class Config:
+    # The run's name: the MLflow run name and the prefix of its directory runs/<name>-<timestamp>.
     name: str = "run"
+    # Where run directories are created.
     output_dir: str = "runs"
     data: DataConfig = field(default_factory=DataConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)

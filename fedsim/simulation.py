@@ -27,7 +27,7 @@ from fedsim.compare import KEY, paired_vs_baselines
 from fedsim.metrics import accuracy, auc, auc_ci, logloss
 from fedsim.postprocessors import describe
 from fedsim.prepare import prepare
-from fedsim.report import Progress, plot_client_auc, plot_learning_curve, summary_table
+from fedsim.report import Progress, headline_metrics, plot_client_auc, plot_learning_curve, summary_table
 from fedsim.server.aggregator import Aggregator
 from fedsim.server.split_server import start_split_server
 from fedsim.tracking import Tracker, resolve_uri
@@ -441,6 +441,7 @@ class Simulation:
                       **derived, **self.split_params}
             self.tracker.start(cfg.name, params, run_id=ckpt.get("mlflow_run_id") if ckpt else None, tags=self.tags)
             if not ckpt:
+                self.tracker.log_dataset(info.get("data"))  # absent in runs prepared by an older fedsim
                 self.tracker.log_metrics({f"baseline/{k}/{m}": v for k, d in info["baselines"].items()
                                           for m, v in d.items()}, step=0)
             progress = Progress(cfg.train.rounds, start)
@@ -514,7 +515,11 @@ class Simulation:
                 if path:
                     self.tracker.log_artifact(path)
             self.tracker.log_artifact(self.run_dir / "adapter", "adapter")
-        self.log("\n" + summary_table(summary))
+        table = summary_table(summary)
+        if done:
+            self.tracker.log_metrics(headline_metrics(summary), step=history[-1]["round"])
+            self.tracker.set_note(f"```\n{table}\n```")
+        self.log("\n" + table)
         return summary
 
     def _export_adapter(self) -> None:

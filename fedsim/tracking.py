@@ -1,9 +1,18 @@
 """MLflow tracking, imported lazily so a run with tracking off works where MLflow is absent."""
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import time
 from pathlib import Path
+
+# MLflow's UI picks its view from this experiment tag; without it an experiment opens in the GenAI
+# (traces) view and a run page is titled "Evaluations".
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+# MLflow checks a dataset digest's length: the first 32 hex digits (128 bits) of the data's sha256.
+DIGEST_CHARS = 32
+MAX_NOTE = 8000
 
 
 def default_uri() -> str:
@@ -27,6 +36,27 @@ def retry_locked(fn, *args, tries: int = 12, **kwargs):
             time.sleep(min(5.0, 0.1 * 2 ** attempt))
 
 
+def git_commit(path: Path | None = None) -> str | None:
+    """The commit checked out where fedsim's source lives; None outside a git checkout."""
+    where = path or Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def source_tags() -> dict[str, str]:
+    """MLflow's standard source tags (the runs table's Source column): fedsim and its commit."""
+    from fedsim import __version__
+
+    tags = {"mlflow.source.name": "fedsim", "mlflow.source.type": "LOCAL", "fedsim.version": __version__}
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
 class Tracker:
     """One MLflow run per simulation; `enabled=False` keeps the same calls and records nothing.
 
@@ -45,9 +75,11 @@ class Tracker:
     def _experiment_id(self) -> str:
         exp = self.client.get_experiment_by_name(self.experiment)
         if exp is not None:
+            if "mlflow.experimentKind" not in exp.tags:  # made by an older fedsim, or by hand
+                retry_locked(self.client.set_experiment_tag, exp.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
             return exp.experiment_id
         try:
-            return self.client.create_experiment(self.experiment)
+            return self.client.create_experiment(self.experiment, tags=EXPERIMENT_KIND)
         except Exception:  # another process created it between the two calls
             return self.client.get_experiment_by_name(self.experiment).experiment_id
 
@@ -61,7 +93,7 @@ class Tracker:
             self.run_id = run_id
             return run_id
         run = retry_locked(self.client.create_run, self._experiment_id(), run_name=run_name,
-                           tags={k: str(v) for k, v in (tags or {}).items()})
+                           tags={**source_tags(), **{k: str(v) for k, v in (tags or {}).items()}})
         self.run_id = run.info.run_id
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):
@@ -77,6 +109,25 @@ class Tracker:
         items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None and v == v]
         for i in range(0, len(items), 1000):
             retry_locked(self.client.log_batch, self.run_id, metrics=items[i:i + 1000])
+
+    def log_dataset(self, data: dict) -> None:
+        """The run's data as an MLflow dataset input (the runs table's Dataset column): `data` has
+        name, sha256, source_type, source (a dict) and profile (a dict), from fedsim.prepare."""
+        if not self.enabled or not data:
+            return
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        ds = Dataset(name=data["name"], digest=data["sha256"][:DIGEST_CHARS], source_type=data["source_type"],
+                     source=json.dumps(data["source"]), profile=json.dumps(data["profile"]))
+        retry_locked(self.client.log_inputs, self.run_id,
+                     [DatasetInput(ds, tags=[InputTag("mlflow.data.context", "training")])])
+
+    def set_note(self, text: str) -> None:
+        """The run page's description (Overview tab); MLflow caps a tag value at 8,000 characters."""
+        if self.enabled and self.run_id:
+            if len(text) > MAX_NOTE:
+                text = text[:MAX_NOTE - 40] + "\n... (the full table: summary.json)"
+            retry_locked(self.client.set_tag, self.run_id, "mlflow.note.content", text)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if not self.enabled or not Path(path).exists():
