@@ -14,6 +14,7 @@ from fedsim.data.prompt import EXTRA_WORDS, prompt_template
 from fedsim.data.samples import build_samples, item_texts, user_embeddings
 from fedsim.data.synthetic import make_synthetic
 from fedsim.models.loader import resolve_model
+from fedsim.schema import ConfigError
 
 
 def load_ratings(cfg, log=print) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -89,6 +90,17 @@ def prepare(cfg, run_dir: Path, log=print) -> dict:
     log(f"building samples from {cfg.data.dataset}")
     samples, items = build_all_samples(cfg, log)
     samples = subsample_eval(samples, cfg.data.max_eval_rows, cfg.train.seed)
+    # The model first: checks against its layers fail in seconds, before partitioning and baselines.
+    texts = [prompt_template(cfg), EXTRA_WORDS, *item_texts(items, cfg.data.item_text == "title_year")]
+    model_path = resolve_model(cfg.model.name, run_dir, texts, seed=cfg.train.seed, log=log,
+                               tiny_layers=cfg.model.tiny_layers)
+    from fedsim.models.lora import check_lora_targets
+
+    check_lora_targets(cfg, model_path)  # peft would refuse a bad target inside every executor
+    if cfg.storage.mode == "split":  # the layer range needs the model's depth: checked before any actor starts
+        from fedsim.models.split import check_split
+
+        check_split(cfg, model_path)
     owner = assign_clients(cfg, samples)
     d = cfg.data
     caps = {"train": d.max_train_per_client, "valid": d.max_valid_per_client, "test": d.max_test_per_client}
@@ -101,8 +113,8 @@ def prepare(cfg, run_dir: Path, log=print) -> dict:
     if len(empty):
         ids = empty["client"].tolist()
         shown = f"{ids[:10]} and {len(ids) - 10} more" if len(ids) > 10 else str(ids)
-        raise ValueError(f"clients {shown} have no train or {cfg.eval.split} rows: "
-                         f"lower clients.num ({cfg.clients.num}) or use more data")
+        raise ConfigError(f"clients {shown} have no train or {cfg.eval.split} rows: "
+                          f"lower clients.num ({cfg.clients.num}) or use more data")
 
     log("scoring conventional baselines on the rows this run evaluates")
     evaluated = shards[shards["split"] == cfg.eval.split]
@@ -111,13 +123,6 @@ def prepare(cfg, run_dir: Path, log=print) -> dict:
     write_baseline_scores(run_dir / "baseline_scores.parquet", evaluated, scores)
     baselines = score_metrics(evaluated["label"].to_numpy(), scores, seed=cfg.train.seed)
 
-    texts = [prompt_template(cfg), EXTRA_WORDS, *item_texts(items, d.item_text == "title_year")]
-    model_path = resolve_model(cfg.model.name, run_dir, texts, seed=cfg.train.seed, log=log,
-                               tiny_layers=cfg.model.tiny_layers)
-    if cfg.storage.mode == "split":  # the layer range needs the model's depth: checked before any actor starts
-        from fedsim.models.split import check_split
-
-        check_split(cfg, model_path)
     info = {
         "model_path": model_path,
         "baselines": baselines,

@@ -419,6 +419,9 @@ def validate(cfg: Config) -> Config:
         _check(getattr(s, k) >= 1, f"data.synthetic.{k}", getattr(s, k), "must be >= 1")
     _check(cfg.partition.alpha > 0, "partition.alpha", cfg.partition.alpha, "must be > 0")
     m = cfg.model
+    # A local path is checked here, before a run directory exists; a hub name only when it is loaded.
+    _check(not m.name.startswith((".", "/", "~")) or Path(m.name).expanduser().exists(), "model.name", m.name,
+           "is a local path that does not exist")
     _check(m.max_length >= 16, "model.max_length", m.max_length, "must be >= 16")
     _check(m.lora.r >= 1, "model.lora.r", m.lora.r, "must be >= 1")
     _check(0 <= m.lora.dropout < 1, "model.lora.dropout", m.lora.dropout, "must be in [0, 1)")
@@ -582,12 +585,24 @@ def read_yaml_mapping(path: str | Path, what: str) -> dict:
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"{what} {str(p)!r} does not exist")
+    if p.is_dir():
+        raise ConfigError(f"{what} {str(p)!r} is a directory, not a YAML file")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f"{what} {str(p)!r} is not valid YAML: {e}") from e
+        # PyYAML's message spans several lines (the offending text drawn with a caret): keep the place and the problem.
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{what} {str(p)!r} is not valid YAML{where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {str(p)!r} is not a text file") from None
+    if data is None:
+        # An empty file would silently run every default (the real model, MovieLens): say so instead.
+        raise ConfigError(f"{what} {str(p)!r} is empty; start from one in configs/ (e.g. configs/tiny.yaml)")
     if not isinstance(data, dict):
-        raise ConfigError(f"{what} {str(p)!r} must hold a mapping at the top level")
+        raise ConfigError(f"{what} {str(p)!r} must hold a mapping (key: value lines) at the top level, "
+                          f"not a {type(data).__name__}")
     return data
 
 

@@ -37,10 +37,16 @@ class Tracker:
     def __init__(self, enabled: bool, uri: str, experiment: str):
         self.enabled, self.uri, self.experiment = enabled, uri, experiment
         self.run_id = None
-        if enabled:
+        self._client = None
+
+    @property
+    def client(self):
+        # Made on first use: a run that stops on a bad config before it starts writes no store.
+        if self._client is None:
             from mlflow import MlflowClient
 
-            self.client = MlflowClient(tracking_uri=uri)
+            self._client = MlflowClient(tracking_uri=self.uri)
+        return self._client
 
     def _experiment_id(self) -> str:
         exp = self.client.get_experiment_by_name(self.experiment)
