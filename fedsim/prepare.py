@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fedsim.data.interactions import InteractionsError, load_interactions
 from fedsim.data.movielens import load_movielens_100k
 from fedsim.data.partition import assign_shards, partition_users, shard_stats, write_shard_files
 from fedsim.data.prompt import EXTRA_WORDS, prompt_template
@@ -21,6 +22,8 @@ def load_ratings(cfg, log=print) -> tuple[pd.DataFrame, pd.DataFrame]:
     d = cfg.data
     if d.dataset == "movielens-100k":
         return load_movielens_100k(log=log)
+    if d.dataset == "interactions":
+        return load_interactions(Path(d.path).expanduser(), Path(d.items).expanduser())
     s = d.synthetic
     return make_synthetic(num_users=s.num_users, num_items=s.num_items, ratings_per_user=s.ratings_per_user,
                           num_clusters=s.num_clusters, taste_strength=s.taste_strength, seed=cfg.train.seed,
@@ -30,9 +33,16 @@ def load_ratings(cfg, log=print) -> tuple[pd.DataFrame, pd.DataFrame]:
 def build_all_samples(cfg, log=print) -> tuple[pd.DataFrame, pd.DataFrame]:
     ratings, items = load_ratings(cfg, log)
     d = cfg.data
-    samples = build_samples(ratings, items, history_len=d.history_len, like_threshold=d.like_threshold,
+    threshold = 0.5 if ratings.attrs.get("binary") else d.like_threshold  # a label column: 1 liked, 0 not
+    samples = build_samples(ratings, items, history_len=d.history_len, like_threshold=threshold,
                             split=tuple(d.split), protocol=d.protocol, keep_last=d.keep_last,
                             with_year=d.item_text == "title_year")
+    if d.dataset == "interactions":
+        counts = samples["split"].value_counts()
+        empty = [s for s in ("train", "valid", "test") if not counts.get(s, 0)]
+        if empty:
+            raise InteractionsError(f"{d.path}: column 'timestamp': the {empty[0]} split is empty ({len(samples)} "
+                                    f"samples split {d.split} by time); add interactions or change data.split")
     return samples, items
 
 

@@ -40,7 +40,11 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
-    dataset: Literal["movielens-100k", "synthetic"] = "movielens-100k"
+    dataset: Literal["movielens-100k", "synthetic", "interactions"] = "movielens-100k"
+    # dataset interactions (your own data, fedsim.data.interactions): the interaction log (CSV or
+    # Parquet: user, item, rating or label, timestamp) and the items table (item, title[, year]).
+    path: Optional[str] = None
+    items: Optional[str] = None
     # global: every rating with an earlier one, split by global time (most test users are new).
     # tallrec: TALLRec's protocol (exactly history_len earlier ratings, the keep_last = 10,000 most
     # recent samples, split 8:1:1 in time order), to compare with TALLRec's and APA's tables.
@@ -192,6 +196,13 @@ class FaultsConfig:
     # Chaos testing: kill the executor process serving `client` when it starts round `round`
     # (once per run), to rehearse dropout and actor restarts. Entries: {round: r, client: c}.
     crash: list[dict[str, int]] = field(default_factory=list)
+    # Stragglers: a sampled client not back within this many seconds of the round's start is dropped
+    # from that round; its late update is discarded, as is what it saved, so no later round uses it.
+    # None: wait for every client.
+    round_timeout: Optional[float] = None
+    # Chaos testing with faults.round_timeout: `client` is a straggler in round `round`, starting its
+    # local training only once the driver has given up on it. Entries: {round: r, client: c}.
+    slow: list[dict[str, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -401,6 +412,11 @@ def validate(cfg: Config) -> Config:
     """Range checks that the types alone cannot express."""
     d, t = cfg.data, cfg.train
     _check(d.history_len >= 1, "data.history_len", d.history_len, "must be >= 1")
+    if d.dataset == "interactions":
+        for key in ("path", "items"):
+            value = getattr(d, key)
+            _check(value is not None, f"data.{key}", value, "is needed by data.dataset 'interactions' (a CSV or Parquet file)")
+            _check(Path(value).expanduser().is_file(), f"data.{key}", value, "does not exist")
     _check(d.keep_last is None or d.keep_last >= 10, "data.keep_last", d.keep_last, "must be >= 10 or null")
     if d.prompt is not None:
         from fedsim.data.prompt import check_template
@@ -466,6 +482,14 @@ def validate(cfg: Config) -> Config:
     for i, crash in enumerate(cfg.faults.crash):
         _check(set(crash) == {"round", "client"}, f"faults.crash[{i}]", crash, "needs exactly the keys round and client")
         _check(0 <= crash["client"] < c.num, f"faults.crash[{i}].client", crash["client"], f"must be in [0, {c.num})")
+    f = cfg.faults
+    _check(f.round_timeout is None or f.round_timeout > 0, "faults.round_timeout", f.round_timeout,
+           "must be > 0 seconds or null (wait for every client)")
+    for i, slow in enumerate(f.slow):
+        _check(set(slow) == {"round", "client"}, f"faults.slow[{i}]", slow, "needs exactly the keys round and client")
+        _check(0 <= slow["client"] < c.num, f"faults.slow[{i}].client", slow["client"], f"must be in [0, {c.num})")
+        _check(f.round_timeout is not None, f"faults.slow[{i}]", slow,
+               "needs faults.round_timeout (a straggler waits for the driver to give up on it)")
     _validate_privacy(cfg)
     _validate_storage(cfg)
     return cfg
