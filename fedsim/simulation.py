@@ -19,6 +19,7 @@ import ray
 from ray.util.placement_group import get_current_placement_group
 
 from fedsim.client.executor import ClientExecutor
+from fedsim.client.faults import claim, clear_claims
 from fedsim.core.placement import bundle_placement, executor_gpus  # noqa: F401 (tune, tests import them here)
 from fedsim.core.store import ClientStore
 from fedsim.config import (Config, ConfigError, apply_overrides, clients_per_round, config_from_dict, count_of, flatten,
@@ -321,11 +322,18 @@ class Simulation:
 
     # -- one round ------------------------------------------------------------------------------
 
-    def _collect(self, pending: dict, round: int, phase: str, progress: Progress):
-        """Wait for every pending task; a failed one drops its client. Returns (done, failures)."""
+    def _collect(self, pending: dict, round: int, phase: str, progress: Progress, deadline: float | None = None):
+        """Wait for every pending task; a failed one drops its client, and so does one not back by
+        `deadline` (time.monotonic(); faults.round_timeout). Returns (done, failures)."""
         done, failures, total = [], {}, len(pending)
         while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=timeout)
+            if not ready:
+                self._drop_late(pending, failures, round, phase)
+                progress.clients(round, phase, len(done) + len(failures), total)
+                deadline = None  # the rest finished in time (claimed "done"): their results are on the way
+                continue
             client, extra = pending.pop(ready[0])
             try:
                 done.append((client, ray.get(ready[0]), extra))
@@ -337,6 +345,16 @@ class Simulation:
                 self.log(f"\nround {round + 1}: client {client} dropped from {phase} ({reason})")
             progress.clients(round, phase, len(done) + len(failures), total)
         return done, failures
+
+    def _drop_late(self, pending: dict, failures: dict, round: int, phase: str) -> None:
+        """faults.round_timeout passed: drop every pending client that the driver can still claim
+        late (fedsim.client.faults); its executor then discards the update and keeps nothing of it."""
+        for ref, (client, _) in list(pending.items()):
+            if claim(self.run_dir, client, round, "late"):
+                pending.pop(ref)
+                failures[client] = TimeoutError(f"not back within faults.round_timeout={self.cfg.faults.round_timeout:g} s")
+                self.log(f"\nround {round + 1}: client {client} dropped from {phase} (not back within "
+                         f"faults.round_timeout={self.cfg.faults.round_timeout:g} s; its late update is discarded)")
 
     def _dispatch_train(self, round: int, sampled: list[int], refs: dict, lrs: dict) -> dict:
         """One train task per client, or with executors.fused one per executor for all of its
@@ -372,9 +390,13 @@ class Simulation:
         self._await_executors()
         refs = ray.get(self.aggregator.params_for.remote(sampled))
         lrs = ray.get(self.aggregator.client_lrs.remote(sampled, cfg.train.lr))
+        timeout = cfg.faults.round_timeout
+        if timeout is not None:
+            clear_claims(self.run_dir, sampled, round)  # an earlier attempt at this round (resumed) is void
+        deadline = None if timeout is None else time.monotonic() + timeout
         pending = self._dispatch_train(round, sampled, refs, lrs)
         self.trained = sampled  # whose older store entries the round's checkpoint lets go
-        done, failures = self._collect(pending, round, "train", progress)
+        done, failures = self._collect(pending, round, "train", progress, deadline)
         need = math.ceil(cfg.faults.quorum * len(sampled))
         if len(done) < need:
             first = next(iter(failures.values()), None)
@@ -478,6 +500,9 @@ class Simulation:
             if not ckpt:
                 self.tracker.log_metrics({f"baseline/{k}/{m}": v for k, d in info["baselines"].items()
                                           for m, v in d.items()}, step=0)
+            elif history and self.tracker.last_step("round_seconds") < ckpt["round"]:
+                # The driver died between the checkpoint and logging its round: log that round now.
+                self.tracker.log_metrics({k: v for k, v in history[-1].items() if k != "round"}, step=ckpt["round"])
             progress = Progress(cfg.train.rounds, start)
             last = cfg.train.rounds if stop_after is None else min(cfg.train.rounds, stop_after)
             for r in range(start, last):
@@ -489,13 +514,15 @@ class Simulation:
                 if r == cfg.train.rounds - 1 and cfg.privacy.audit.enabled:
                     metrics.update(self._audit(r, progress))
                 metrics["round_seconds"] = time.perf_counter() - t0
-                self.tracker.log_metrics(metrics, step=r)
                 history.append({"round": r, **metrics})
                 progress.round_done(r, metrics["round_seconds"], metrics)
                 save_checkpoint(self.run_dir, {
-                    "round": r, "config": to_dict(cfg), "strategy": ray.get(self.aggregator.state_dict.remote()), "history": history,
-                    "dropped": dropped, "mlflow_run_id": self.tracker.run_id,
+                    "round": r, "config": to_dict(cfg), "strategy": ray.get(self.aggregator.state_dict.remote()),
+                    "history": history, "dropped": dropped, "mlflow_run_id": self.tracker.run_id,
                     "wall_seconds": wall_before + time.perf_counter() - t_start})
+                # After the checkpoint: a driver killed in between leaves the round to log on resume
+                # (below), never a step logged twice.
+                self.tracker.log_metrics(metrics, step=r)
                 # The checkpoint covers round r now: the trained clients' older store entries can go.
                 ClientStore(self.run_dir / "client_state").prune(self.trained, r)
                 ray.get(self.aggregator.after_checkpoint.remote(r))

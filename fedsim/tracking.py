@@ -84,6 +84,13 @@ class Tracker:
         for i in range(0, len(items), 1000):
             retry_locked(self.client.log_batch, self.run_id, metrics=items[i:i + 1000])
 
+    def last_step(self, key: str) -> int:
+        """The highest step logged for `key` in this run (-1: none, or tracking off)."""
+        if not self.enabled or not self.run_id:
+            return -1
+        history = retry_locked(self.client.get_metric_history, self.run_id, key)
+        return max((m.step for m in history), default=-1)
+
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if not self.enabled or not Path(path).exists():
             return
