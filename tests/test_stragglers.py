@@ -29,11 +29,12 @@ def test_slow_needs_a_timeout():
 
 
 def test_a_straggler_is_dropped_and_its_late_update_never_reaches_a_later_round(ray_local, tiny_cfg):
-    # 20 s is far beyond a tiny round (about a second on an idle CPU): only the straggler misses it.
-    slow = run(tiny_cfg("tracking.enabled=false", "faults.round_timeout=20", "faults.slow=[{round: 0, client: 1}]"),
-               **QUIET)
+    # 15 s is far beyond a tiny round (about a second on an idle CPU): only the straggler misses it.
+    # Two executors: clients 0 and 2 on one, the straggler alone on the other.
+    slow = run(tiny_cfg("tracking.enabled=false", "executors.num=2", "faults.round_timeout=15",
+                        "faults.slow=[{round: 0, client: 1}]"), **QUIET)
     # The same client lost in the same round to a crash, before it could report or save anything.
-    crash = run(tiny_cfg("tracking.enabled=false", "faults.crash=[{round: 0, client: 1}]"), **QUIET)
+    crash = run(tiny_cfg("tracking.enabled=false", "executors.num=2", "faults.crash=[{round: 0, client: 1}]"), **QUIET)
     assert slow["complete"] and slow["dropped"] == crash["dropped"] == [{"round": 0, "client": 1}]
     run_dir = Path(slow["run_dir"])
     assert claim_path(run_dir, 1, 0).read_text() == "late"
