@@ -104,13 +104,13 @@ def prepare(cfg, run_dir: Path, log=print) -> dict:
     texts = [prompt_template(cfg), EXTRA_WORDS, *item_texts(items, cfg.data.item_text == "title_year")]
     model_path = resolve_model(cfg.model.name, run_dir, texts, seed=cfg.train.seed, log=log,
                                tiny_layers=cfg.model.tiny_layers)
-    from fedsim.models.lora import check_lora_targets
-
-    check_lora_targets(cfg, model_path)  # peft would refuse a bad target inside every executor
     if cfg.storage.mode == "split":  # the layer range needs the model's depth: checked before any actor starts
         from fedsim.models.split import check_split
 
         check_split(cfg, model_path)
+    from fedsim.models.lora import check_lora_targets
+
+    check_lora_targets(cfg, model_path)  # peft would refuse a bad target inside every executor
     owner = assign_clients(cfg, samples)
     d = cfg.data
     caps = {"train": d.max_train_per_client, "valid": d.max_valid_per_client, "test": d.max_test_per_client}

@@ -56,7 +56,7 @@ TRIES = [
      r"model\.name: '/no/such/path' is a local path that does not exist"),
     # Needs the model's module names: found while preparing, still before any actor.
     ("a LoRA target the model does not have", [TINY, *sets("model.lora.target_modules=[nope_proj]")],
-     r"model\.lora\.target_modules: \['nope_proj'\] not among the Linear layers of model\.name 'tiny-random': "
+     r"model\.lora\.target_modules: \['nope_proj'\] not among the layers of model\.name 'tiny-random': "
      r"down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"),
     ("an unreachable privacy target", [TINY, *sets(DP[0], "privacy.client_dp.epsilon=0.01")],
      r"privacy\.client_dp\.epsilon: 0\.01 cannot be reached with delta=1e-05"),

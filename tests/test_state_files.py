@@ -90,3 +90,18 @@ def test_resume_refuses_an_edited_config_or_set_naming_the_keys(tmp_path, capsys
     # The same config as the checkpoint's is no change at all.
     plain = run_dir_with_checkpoint(tmp_path / "b")
     assert resume_config(plain, ["train.lr=0.005"]).train.lr == 0.005
+
+
+def test_a_store_entry_damaged_between_runs_stops_the_resumed_run_naming_it(ray_local, tiny_cfg):
+    """Read inside an executor actor: the run stops with the named error (it does not drop the
+    client round after round), and the CLI prints it as one line."""
+    from fedsim.simulation import Simulation, run
+
+    sim = Simulation(tiny_cfg("tracking.enabled=false", "executors.num=1"), log=lambda *a: None)
+    sim.run(stop_after=1)
+    entry = sim.run_dir / "client_state" / "client_00000" / "r0.pt"
+    entry.write_bytes(entry.read_bytes()[:100])
+    with pytest.raises(StateFileError, match=rf"client 0's store entry {entry} is truncated or corrupted .*; "
+                                             rf"delete that file and resume"):
+        run(run_dir=sim.run_dir, log=lambda *a: None)
+    assert load_checkpoint(sim.run_dir)["round"] == 0  # the checkpoint is untouched
