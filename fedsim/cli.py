@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from fedsim.config import ConfigError, load_config
+from fedsim.core.files import StateFileError
 
 
 def _err(msg: str) -> int:
@@ -15,37 +16,38 @@ def _err(msg: str) -> int:
 
 
 def cmd_run(a) -> int:
-    from fedsim.simulation import QuorumError, run
+    from fedsim.simulation import QuorumError, Simulation, resume_config
 
     if a.resume:
-        if a.config or a.set:
-            return _err("--resume continues a run with its saved config; drop CONFIG and --set")
-        cfg = None
+        if a.config:
+            return _err("--resume continues a run with its saved config; drop CONFIG (--set changes it, with --force)")
+        cfg = resume_config(Path(a.resume), a.set, force=a.force)
     else:
         if not a.config:
             return _err("give a CONFIG file (e.g. configs/quickstart.yaml) or --resume RUN_DIR")
+        if a.force:
+            return _err("--force goes with --resume (to continue a run with a changed config)")
         cfg = load_config(a.config, a.set)
+    sharded = bool(cfg.unlearning.shards)  # one adapter per shard (fedsim.unlearning)
+    sim = None if sharded else Simulation(cfg if not a.resume else None, a.resume, tracking_uri=a.tracking_uri)
     try:
-        if _sharded(cfg, a.resume):  # unlearning.shards: one adapter per shard (fedsim.unlearning)
+        if sharded:
             from fedsim.unlearning.sharded import run_sharded
 
             summary = run_sharded(cfg, run_dir=a.resume, tracking_uri=a.tracking_uri)
         else:
-            summary = run(cfg, run_dir=a.resume, tracking_uri=a.tracking_uri)
+            summary = sim.run()
     except QuorumError as e:
         return _err(str(e))
+    except KeyboardInterrupt:
+        # The last checkpoint is whole (written atomically); Ray's actors go with this process.
+        where = sim.run_dir if sim is not None else (a.resume or "RUN_DIR (printed above)")
+        print(f"\nfedsim: interrupted; continue with: fedsim run --resume {where}", file=sys.stderr)
+        return 130
     if a.summary_json:
         Path(a.summary_json).write_text(json.dumps(summary, indent=1, default=float))
     print(f"run directory: {summary['run_dir']}")
     return 0
-
-
-def _sharded(cfg, resume: str | None) -> bool:
-    if resume:
-        from fedsim.simulation import load_run_config
-
-        cfg = load_run_config(Path(resume))
-    return bool(cfg.unlearning.shards)
 
 
 def cmd_unlearn(a) -> int:
@@ -167,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("config", nargs="?", help="experiment YAML")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     r.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    r.add_argument("--force", action="store_true",
+                   help="with --resume: continue even though config.yaml was edited or --set changes it")
     r.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///./mlflow.db)")
     r.add_argument("--summary-json", metavar="PATH", help="also write the final summary here")
     r.set_defaults(fn=cmd_run)
@@ -236,11 +240,14 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
         return a.fn(a)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, StateFileError) as e:
+        # What the user can fix (a config key, a file to restore): one line naming it. Anything
+        # else raised mid-run is a bug or a crash, and keeps its traceback.
         return _err(str(e))
-    except ValueError as e:
-        # Validation errors raised before any training carry the config key in their message.
-        return _err(str(e))
+    except FileNotFoundError as e:
+        if a.command in ("compare", "tune"):  # a run or sweep directory named on the command line
+            return _err(str(e))
+        raise
 
 
 if __name__ == "__main__":

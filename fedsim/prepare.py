@@ -9,18 +9,22 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fedsim.data.interactions import InteractionsError, load_interactions
 from fedsim.data.movielens import GROUPLENS_URL, RATINGS_SHA256, load_movielens_100k, ratings_sha256
 from fedsim.data.partition import assign_shards, partition_users, shard_stats, write_shard_files
 from fedsim.data.prompt import EXTRA_WORDS, prompt_template
 from fedsim.data.samples import build_samples, item_texts, user_embeddings
 from fedsim.data.synthetic import make_synthetic
 from fedsim.models.loader import resolve_model
+from fedsim.schema import ConfigError
 
 
 def load_ratings(cfg, log=print) -> tuple[pd.DataFrame, pd.DataFrame]:
     d = cfg.data
     if d.dataset == "movielens-100k":
         return load_movielens_100k(log=log)
+    if d.dataset == "interactions":
+        return load_interactions(Path(d.path).expanduser(), Path(d.items).expanduser())
     s = d.synthetic
     return make_synthetic(num_users=s.num_users, num_items=s.num_items, ratings_per_user=s.ratings_per_user,
                           num_clusters=s.num_clusters, taste_strength=s.taste_strength, seed=cfg.train.seed,
@@ -33,6 +37,8 @@ def data_identity(cfg, samples: pd.DataFrame, log=print) -> dict:
     d = cfg.data
     if d.dataset == "movielens-100k":
         sha, source_type, source = RATINGS_SHA256, "http", {"url": GROUPLENS_URL}
+    elif d.dataset == "interactions":  # your own log: the hash of the ratings as read
+        sha, source_type, source = ratings_sha256(load_ratings(cfg, log)[0]), "local", {"path": str(d.path)}
     else:  # regenerating the synthetic ratings is cheap and keeps build_all_samples' shape
         sha, source_type = ratings_sha256(load_ratings(cfg, log)[0]), "code"
         source = {"tags": {"generator": "fedsim.data.synthetic.make_synthetic", "seed": cfg.train.seed,
@@ -45,9 +51,16 @@ def data_identity(cfg, samples: pd.DataFrame, log=print) -> dict:
 def build_all_samples(cfg, log=print) -> tuple[pd.DataFrame, pd.DataFrame]:
     ratings, items = load_ratings(cfg, log)
     d = cfg.data
-    samples = build_samples(ratings, items, history_len=d.history_len, like_threshold=d.like_threshold,
+    threshold = 0.5 if ratings.attrs.get("binary") else d.like_threshold  # a label column: 1 liked, 0 not
+    samples = build_samples(ratings, items, history_len=d.history_len, like_threshold=threshold,
                             split=tuple(d.split), protocol=d.protocol, keep_last=d.keep_last,
                             with_year=d.item_text == "title_year")
+    if d.dataset == "interactions":
+        counts = samples["split"].value_counts()
+        empty = [s for s in ("train", "valid", "test") if not counts.get(s, 0)]
+        if empty:
+            raise InteractionsError(f"{d.path}: column 'timestamp': the {empty[0]} split is empty ({len(samples)} "
+                                    f"samples split {d.split} by time); add interactions or change data.split")
     return samples, items
 
 
@@ -105,6 +118,17 @@ def prepare(cfg, run_dir: Path, log=print) -> dict:
     log(f"building samples from {cfg.data.dataset}")
     samples, items = build_all_samples(cfg, log)
     samples = subsample_eval(samples, cfg.data.max_eval_rows, cfg.train.seed)
+    # The model first: checks against its layers fail in seconds, before partitioning and baselines.
+    texts = [prompt_template(cfg), EXTRA_WORDS, *item_texts(items, cfg.data.item_text == "title_year")]
+    model_path = resolve_model(cfg.model.name, run_dir, texts, seed=cfg.train.seed, log=log,
+                               tiny_layers=cfg.model.tiny_layers)
+    if cfg.storage.mode == "split":  # the layer range needs the model's depth: checked before any actor starts
+        from fedsim.models.split import check_split
+
+        check_split(cfg, model_path)
+    from fedsim.models.lora import check_lora_targets
+
+    check_lora_targets(cfg, model_path)  # peft would refuse a bad target inside every executor
     owner = assign_clients(cfg, samples)
     d = cfg.data
     caps = {"train": d.max_train_per_client, "valid": d.max_valid_per_client, "test": d.max_test_per_client}
@@ -117,8 +141,8 @@ def prepare(cfg, run_dir: Path, log=print) -> dict:
     if len(empty):
         ids = empty["client"].tolist()
         shown = f"{ids[:10]} and {len(ids) - 10} more" if len(ids) > 10 else str(ids)
-        raise ValueError(f"clients {shown} have no train or {cfg.eval.split} rows: "
-                         f"lower clients.num ({cfg.clients.num}) or use more data")
+        raise ConfigError(f"clients {shown} have no train or {cfg.eval.split} rows: "
+                          f"lower clients.num ({cfg.clients.num}) or use more data")
 
     log("scoring conventional baselines on the rows this run evaluates")
     evaluated = shards[shards["split"] == cfg.eval.split]
@@ -127,13 +151,6 @@ def prepare(cfg, run_dir: Path, log=print) -> dict:
     write_baseline_scores(run_dir / "baseline_scores.parquet", evaluated, scores)
     baselines = score_metrics(evaluated["label"].to_numpy(), scores, seed=cfg.train.seed)
 
-    texts = [prompt_template(cfg), EXTRA_WORDS, *item_texts(items, d.item_text == "title_year")]
-    model_path = resolve_model(cfg.model.name, run_dir, texts, seed=cfg.train.seed, log=log,
-                               tiny_layers=cfg.model.tiny_layers)
-    if cfg.storage.mode == "split":  # the layer range needs the model's depth: checked before any actor starts
-        from fedsim.models.split import check_split
-
-        check_split(cfg, model_path)
     info = {
         "model_path": model_path,
         "baselines": baselines,

@@ -46,8 +46,12 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
-    # The ratings: MovieLens-100K (fetched and hash-checked on first use) or synthetic users with planted tastes.
-    dataset: Literal["movielens-100k", "synthetic"] = "movielens-100k"
+    # The ratings: MovieLens-100K (fetched and hash-checked on first use), synthetic users with planted tastes, or your own (interactions).
+    dataset: Literal["movielens-100k", "synthetic", "interactions"] = "movielens-100k"
+    # dataset interactions (fedsim.data.interactions): the interaction log, CSV or Parquet with user, item, rating or label, timestamp.
+    path: Optional[str] = None
+    # dataset interactions: the items table, CSV or Parquet with item, title[, year].
+    items: Optional[str] = None
     # global: every rating with an earlier one, split by global time (most test users are new).
     # tallrec: TALLRec's protocol (exactly history_len earlier ratings, the keep_last = 10,000 most
     # recent samples, split 8:1:1 in time order), to compare with TALLRec's and APA's tables.
@@ -249,6 +253,13 @@ class FaultsConfig:
     # (once per run), to rehearse dropout and actor restarts. Entries: {round: r, client: c}.
     # Each entry kills that client's actor once.
     crash: list[dict[str, int]] = field(default_factory=list)
+    # Stragglers: a sampled client not back within this many seconds of the round's start is dropped
+    # from that round; its late update is discarded, as is what it saved, so no later round uses it.
+    # None: wait for every client.
+    round_timeout: Optional[float] = None
+    # Chaos testing with faults.round_timeout: `client` is a straggler in round `round`, starting its
+    # local training only once the driver has given up on it. Entries: {round: r, client: c}.
+    slow: list[dict[str, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -526,6 +537,11 @@ def validate(cfg: Config) -> Config:
     """Range checks that the types alone cannot express."""
     d, t = cfg.data, cfg.train
     _check(d.history_len >= 1, "data.history_len", d.history_len, "must be >= 1")
+    if d.dataset == "interactions":
+        for key in ("path", "items"):
+            value = getattr(d, key)
+            _check(value is not None, f"data.{key}", value, "is needed by data.dataset 'interactions' (a CSV or Parquet file)")
+            _check(Path(value).expanduser().is_file(), f"data.{key}", value, "does not exist")
     _check(d.keep_last is None or d.keep_last >= 10, "data.keep_last", d.keep_last, "must be >= 10 or null")
     if d.prompt is not None:
         from fedsim.data.prompt import check_template
@@ -544,6 +560,9 @@ def validate(cfg: Config) -> Config:
         _check(getattr(s, k) >= 1, f"data.synthetic.{k}", getattr(s, k), "must be >= 1")
     _check(cfg.partition.alpha > 0, "partition.alpha", cfg.partition.alpha, "must be > 0")
     m = cfg.model
+    # A local path is checked here, before a run directory exists; a hub name only when it is loaded.
+    _check(not m.name.startswith((".", "/", "~")) or Path(m.name).expanduser().exists(), "model.name", m.name,
+           "is a local path that does not exist")
     _check(m.max_length >= 16, "model.max_length", m.max_length, "must be >= 16")
     _check(m.lora.r >= 1, "model.lora.r", m.lora.r, "must be >= 1")
     _check(0 <= m.lora.dropout < 1, "model.lora.dropout", m.lora.dropout, "must be in [0, 1)")
@@ -588,6 +607,14 @@ def validate(cfg: Config) -> Config:
     for i, crash in enumerate(cfg.faults.crash):
         _check(set(crash) == {"round", "client"}, f"faults.crash[{i}]", crash, "needs exactly the keys round and client")
         _check(0 <= crash["client"] < c.num, f"faults.crash[{i}].client", crash["client"], f"must be in [0, {c.num})")
+    f = cfg.faults
+    _check(f.round_timeout is None or f.round_timeout > 0, "faults.round_timeout", f.round_timeout,
+           "must be > 0 seconds or null (wait for every client)")
+    for i, slow in enumerate(f.slow):
+        _check(set(slow) == {"round", "client"}, f"faults.slow[{i}]", slow, "needs exactly the keys round and client")
+        _check(0 <= slow["client"] < c.num, f"faults.slow[{i}].client", slow["client"], f"must be in [0, {c.num})")
+        _check(f.round_timeout is not None, f"faults.slow[{i}]", slow,
+               "needs faults.round_timeout (a straggler waits for the driver to give up on it)")
     _validate_privacy(cfg)
     _validate_storage(cfg)
     _validate_unlearning(cfg)
@@ -730,12 +757,24 @@ def read_yaml_mapping(path: str | Path, what: str) -> dict:
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"{what} {str(p)!r} does not exist")
+    if p.is_dir():
+        raise ConfigError(f"{what} {str(p)!r} is a directory, not a YAML file")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f"{what} {str(p)!r} is not valid YAML: {e}") from e
+        # PyYAML's message spans several lines (the offending text drawn with a caret): keep the place and the problem.
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{what} {str(p)!r} is not valid YAML{where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {str(p)!r} is not a text file") from None
+    if data is None:
+        # An empty file would silently run every default (the real model, MovieLens): say so instead.
+        raise ConfigError(f"{what} {str(p)!r} is empty; start from one in configs/ (e.g. configs/tiny.yaml)")
     if not isinstance(data, dict):
-        raise ConfigError(f"{what} {str(p)!r} must hold a mapping at the top level")
+        raise ConfigError(f"{what} {str(p)!r} must hold a mapping (key: value lines) at the top level, "
+                          f"not a {type(data).__name__}")
     return data
 
 

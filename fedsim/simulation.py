@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from datetime import datetime
 from pathlib import Path
@@ -15,14 +16,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import ray
-import torch
-import yaml
 from ray.util.placement_group import get_current_placement_group
 
 from fedsim.client.executor import ClientExecutor
+from fedsim.client.faults import claim, clear_claims
 from fedsim.core.placement import bundle_placement, executor_gpus  # noqa: F401 (tune, tests import them here)
 from fedsim.core.store import ClientStore
-from fedsim.config import Config, clients_per_round, config_from_dict, count_of, flatten, save_config, to_dict
+from fedsim.config import (Config, ConfigError, apply_overrides, clients_per_round, config_from_dict, count_of, flatten,
+                           read_yaml_mapping, save_config, to_dict)
+from fedsim.core.files import StateFileError, load_torch, save_torch
 from fedsim.compare import KEY, paired_vs_baselines
 from fedsim.metrics import accuracy, auc, auc_ci, logloss
 from fedsim.postprocessors import describe
@@ -73,7 +75,7 @@ def executor_resources(cfg: Config) -> tuple[int, float, float]:
         short = [i for i, b in enumerate(bundles[:n]) if b.get("CPU", 0) + 1e-9 < cfg.executors.num_cpus
                  or b.get("GPU", 0) + 1e-9 < num_gpus]
         if len(bundles) < n or short:
-            raise ValueError(f"the placement group has {len(bundles)} executor bundle(s) {bundles} but {n} executors "
+            raise ConfigError(f"the placement group has {len(bundles)} executor bundle(s) {bundles} but {n} executors "
                              f"need executors.num_cpus={cfg.executors.num_cpus:g} and {num_gpus:g} GPUs each")
         return n, cfg.executors.num_cpus, num_gpus
     total = ray.cluster_resources()
@@ -81,11 +83,11 @@ def executor_resources(cfg: Config) -> tuple[int, float, float]:
     num_gpus = executor_gpus(cfg, gpus)
     cpus = total.get("CPU", 0)
     if n * cfg.executors.num_cpus > cpus + 1e-9:
-        raise ValueError(f"executors need {n} x executors.num_cpus={cfg.executors.num_cpus} = "
+        raise ConfigError(f"executors need {n} x executors.num_cpus={cfg.executors.num_cpus} = "
                          f"{n * cfg.executors.num_cpus:g} CPUs but the Ray cluster has {cpus:g}: lower "
                          f"executors.num (0 = one per client) or executors.num_cpus")
     if n * num_gpus > gpus + 1e-9:
-        raise ValueError(f"executors need {n * num_gpus:g} GPUs (executors.num_gpus={num_gpus:g}) "
+        raise ConfigError(f"executors need {n * num_gpus:g} GPUs (executors.num_gpus={num_gpus:g}) "
                          f"but the Ray cluster has {gpus:g}")
     return n, cfg.executors.num_cpus, num_gpus
 
@@ -192,15 +194,16 @@ def write_predictions(run_dir: Path, results: list[dict]) -> Path:
 
 
 def save_checkpoint(run_dir: Path, state: dict) -> None:
-    path = run_dir / "checkpoint.pt"
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    # Atomic (temporary file, fsync, rename): a failed write leaves the previous checkpoint loadable.
+    save_torch(state, run_dir / "checkpoint.pt")
 
 
 def load_checkpoint(run_dir: Path) -> dict | None:
     path = run_dir / "checkpoint.pt"
-    return torch.load(path, weights_only=False) if path.exists() else None
+    if not path.exists():
+        return None
+    return load_torch(path, "checkpoint", f"restore it from a copy of the run directory, or delete it to start "
+                                          f"this run again from round 1: fedsim run --resume {run_dir}")
 
 
 def new_run_dir(cfg: Config) -> Path:
@@ -211,10 +214,33 @@ def new_run_dir(cfg: Config) -> Path:
 
 
 def load_run_config(run_dir: Path) -> Config:
+    if not Path(run_dir).is_dir():
+        raise ConfigError(f"--resume {run_dir}: no such directory (give a run directory, runs/<name>-<timestamp>)")
     path = Path(run_dir) / "config.yaml"
     if not path.exists():
-        raise FileNotFoundError(f"--resume {run_dir}: no config.yaml there; is it a fedsim run directory?")
-    return config_from_dict(yaml.safe_load(path.read_text()))
+        raise ConfigError(f"--resume {run_dir}: no config.yaml there; is it a fedsim run directory?")
+    return config_from_dict(read_yaml_mapping(path, "run config"))
+
+
+def resume_config(run_dir: Path, overrides: list[str], force: bool = False) -> Config:
+    """The config a `--resume` continues with: the run's config.yaml plus `overrides`. One that
+    differs from what the run's checkpoint was trained with (config.yaml edited, or --set) is
+    refused, naming the keys, unless `force`; then it is saved as the run's config."""
+    cfg = load_run_config(run_dir)
+    if overrides:
+        cfg = config_from_dict(apply_overrides(to_dict(cfg), overrides))
+    ckpt = load_checkpoint(Path(run_dir))
+    before = flatten(ckpt["config"]) if ckpt and "config" in ckpt else flatten(to_dict(load_run_config(run_dir)))
+    now = flatten(to_dict(cfg))
+    differ = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    if differ and not force:
+        shown = ", ".join(f"{k} ({before.get(k)!r} -> {now.get(k)!r})" for k in differ[:8])
+        more = f" and {len(differ) - 8} more" if len(differ) > 8 else ""
+        raise ConfigError(f"--resume {run_dir}: the config differs from the one the run was trained with: "
+                          f"{shown}{more}; undo the change, or add --force to continue with it")
+    if differ:
+        save_config(cfg, Path(run_dir) / "config.yaml")
+    return cfg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,6 +253,10 @@ class Simulation:
         # on_round(round, metrics) after each round's checkpoint (Tune reports from it); tags go on the MLflow run.
         self.on_round, self.tags = on_round, tags
         self.resuming = run_dir is not None and (Path(run_dir) / "config.yaml").exists()
+        if cfg is None and not self.resuming:
+            if run_dir is None:
+                raise ConfigError("give a config, or the run directory of a run to resume")
+            load_run_config(run_dir)  # raises, naming what is missing
         self.cfg = load_run_config(run_dir) if self.resuming else cfg
         self.run_dir = Path(run_dir) if run_dir else new_run_dir(cfg)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -292,20 +322,39 @@ class Simulation:
 
     # -- one round ------------------------------------------------------------------------------
 
-    def _collect(self, pending: dict, round: int, phase: str, progress: Progress):
-        """Wait for every pending task; a failed one drops its client. Returns (done, failures)."""
+    def _collect(self, pending: dict, round: int, phase: str, progress: Progress, deadline: float | None = None):
+        """Wait for every pending task; a failed one drops its client, and so does one not back by
+        `deadline` (time.monotonic(); faults.round_timeout). Returns (done, failures)."""
         done, failures, total = [], {}, len(pending)
         while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=timeout)
+            if not ready:
+                self._drop_late(pending, failures, round, phase)
+                progress.clients(round, phase, len(done) + len(failures), total)
+                deadline = None  # the rest finished in time (claimed "done"): their results are on the way
+                continue
             client, extra = pending.pop(ready[0])
             try:
                 done.append((client, ray.get(ready[0]), extra))
             except ray.exceptions.RayError as e:
+                if isinstance(e, StateFileError):  # a damaged store entry: stop and say which, not drop it every round
+                    raise StateFileError(str(e.cause) if hasattr(e, "cause") else str(e)) from None
                 failures[client] = e
                 reason = "its executor died" if isinstance(e, ray.exceptions.RayActorError) else str(e).splitlines()[0]
                 self.log(f"\nround {round + 1}: client {client} dropped from {phase} ({reason})")
             progress.clients(round, phase, len(done) + len(failures), total)
         return done, failures
+
+    def _drop_late(self, pending: dict, failures: dict, round: int, phase: str) -> None:
+        """faults.round_timeout passed: drop every pending client that the driver can still claim
+        late (fedsim.client.faults); its executor then discards the update and keeps nothing of it."""
+        for ref, (client, _) in list(pending.items()):
+            if claim(self.run_dir, client, round, "late"):
+                pending.pop(ref)
+                failures[client] = TimeoutError(f"not back within faults.round_timeout={self.cfg.faults.round_timeout:g} s")
+                self.log(f"\nround {round + 1}: client {client} dropped from {phase} (not back within "
+                         f"faults.round_timeout={self.cfg.faults.round_timeout:g} s; its late update is discarded)")
 
     def _dispatch_train(self, round: int, sampled: list[int], refs: dict, lrs: dict) -> dict:
         """One train task per client, or with executors.fused one per executor for all of its
@@ -341,9 +390,13 @@ class Simulation:
         self._await_executors()
         refs = ray.get(self.aggregator.params_for.remote(sampled))
         lrs = ray.get(self.aggregator.client_lrs.remote(sampled, cfg.train.lr))
+        timeout = cfg.faults.round_timeout
+        if timeout is not None:
+            clear_claims(self.run_dir, sampled, round)  # an earlier attempt at this round (resumed) is void
+        deadline = None if timeout is None else time.monotonic() + timeout
         pending = self._dispatch_train(round, sampled, refs, lrs)
         self.trained = sampled  # whose older store entries the round's checkpoint lets go
-        done, failures = self._collect(pending, round, "train", progress)
+        done, failures = self._collect(pending, round, "train", progress, deadline)
         # In client order, not finishing order: the aggregate's float sum is then the same whichever
         # executor was quicker (an unlearned shard equals, bit for bit, a run that never saw the rows).
         done.sort(key=lambda d: d[0])
@@ -421,8 +474,15 @@ class Simulation:
         many rounds in total, as an interruption would, leaving a resumable checkpoint."""
         cfg = self.cfg
         t_start = time.perf_counter()
-        derived = describe(cfg)  # may raise (e.g. an unreachable privacy target): before any work
-        info = prepare(cfg, self.run_dir, self.log)
+        try:
+            derived = describe(cfg)  # may raise (e.g. an unreachable privacy target): before any work
+            info = prepare(cfg, self.run_dir, self.log)
+        except ConfigError:
+            # A bad config found while preparing (the model's layers, too many clients for the data):
+            # a fresh run leaves no half-made run directory behind.
+            if not self.resuming:
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            raise
         self.eval_rows = {p["client"]: p[cfg.eval.split] for p in info["partition"]}
         ckpt = load_checkpoint(self.run_dir) if self.resuming else None
         start = ckpt["round"] + 1 if ckpt else 0
@@ -444,6 +504,9 @@ class Simulation:
                 self.tracker.log_dataset(info.get("data"))  # absent in runs prepared by an older fedsim
                 self.tracker.log_metrics({f"baseline/{k}/{m}": v for k, d in info["baselines"].items()
                                           for m, v in d.items()}, step=0)
+            elif history and self.tracker.last_step("round_seconds") < ckpt["round"]:
+                # The driver died between the checkpoint and logging its round: log that round now.
+                self.tracker.log_metrics({k: v for k, v in history[-1].items() if k != "round"}, step=ckpt["round"])
             progress = Progress(cfg.train.rounds, start)
             last = cfg.train.rounds if stop_after is None else min(cfg.train.rounds, stop_after)
             for r in range(start, last):
@@ -455,13 +518,15 @@ class Simulation:
                 if r == cfg.train.rounds - 1 and cfg.privacy.audit.enabled:
                     metrics.update(self._audit(r, progress))
                 metrics["round_seconds"] = time.perf_counter() - t0
-                self.tracker.log_metrics(metrics, step=r)
                 history.append({"round": r, **metrics})
                 progress.round_done(r, metrics["round_seconds"], metrics)
                 save_checkpoint(self.run_dir, {
-                    "round": r, "strategy": ray.get(self.aggregator.state_dict.remote()), "history": history,
-                    "dropped": dropped, "mlflow_run_id": self.tracker.run_id,
+                    "round": r, "config": to_dict(cfg), "strategy": ray.get(self.aggregator.state_dict.remote()),
+                    "history": history, "dropped": dropped, "mlflow_run_id": self.tracker.run_id,
                     "wall_seconds": wall_before + time.perf_counter() - t_start})
+                # After the checkpoint: a driver killed in between leaves the round to log on resume
+                # (below), never a step logged twice.
+                self.tracker.log_metrics(metrics, step=r)
                 # The checkpoint covers round r now: the trained clients' older store entries can go.
                 ClientStore(self.run_dir / "client_state").prune(self.trained, r)
                 ray.get(self.aggregator.after_checkpoint.remote(r))
@@ -473,8 +538,7 @@ class Simulation:
             status = "FINISHED" if done else "KILLED"
             return summary
         except KeyboardInterrupt:
-            status = "KILLED"
-            self.log(f"\ninterrupted; continue with: fedsim run --resume {self.run_dir}")
+            status = "KILLED"  # the caller says how to resume (the CLI: one line)
             raise
         finally:
             self.tracker.end(status)

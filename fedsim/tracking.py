@@ -67,10 +67,16 @@ class Tracker:
     def __init__(self, enabled: bool, uri: str, experiment: str):
         self.enabled, self.uri, self.experiment = enabled, uri, experiment
         self.run_id = None
-        if enabled:
+        self._client = None
+
+    @property
+    def client(self):
+        # Made on first use: a run that stops on a bad config before it starts writes no store.
+        if self._client is None:
             from mlflow import MlflowClient
 
-            self.client = MlflowClient(tracking_uri=uri)
+            self._client = MlflowClient(tracking_uri=self.uri)
+        return self._client
 
     def _experiment_id(self) -> str:
         exp = self.client.get_experiment_by_name(self.experiment)
@@ -128,6 +134,13 @@ class Tracker:
             if len(text) > MAX_NOTE:
                 text = text[:MAX_NOTE - 40] + "\n... (the full table: summary.json)"
             retry_locked(self.client.set_tag, self.run_id, "mlflow.note.content", text)
+
+    def last_step(self, key: str) -> int:
+        """The highest step logged for `key` in this run (-1: none, or tracking off)."""
+        if not self.enabled or not self.run_id:
+            return -1
+        history = retry_locked(self.client.get_metric_history, self.run_id, key)
+        return max((m.step for m in history), default=-1)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if not self.enabled or not Path(path).exists():

@@ -1,5 +1,4 @@
 import math
-import time
 
 import numpy as np
 import pytest
@@ -77,13 +76,12 @@ def test_auc_ci_narrows_as_one_over_sqrt_n():
     assert 1.6 < small / large < 2.5  # sqrt(1600 / 400) = 2
 
 
-def test_auc_ci_is_nan_with_one_class_and_fast_on_two_thousand_rows():
+def test_auc_ci_is_nan_with_one_class_and_brackets_the_auc_on_two_thousand_rows():
+    # No wall-clock bound: on a loaded CI machine it measures the load (~0.1 s on an idle core).
     assert all(math.isnan(x) for x in auc_ci([1, 1, 1], [0.1, 0.2, 0.3]))
     labels, scores = binormal(2000, 0.7, 0)
-    auc_ci(labels, scores, n_boot=50)  # warm up numpy
-    t0 = time.perf_counter()
-    auc_ci(labels, scores, n_boot=1000)
-    assert time.perf_counter() - t0 < 1.5  # ~0.1 s on an idle core; slack for a busy machine
+    low, high = auc_ci(labels, scores, n_boot=1000)
+    assert low < auc(labels, scores) < high and high - low < 0.06
 
 
 def test_bootstrap_resample_auc_matches_the_plain_auc_with_ties():

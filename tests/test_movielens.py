@@ -52,10 +52,9 @@ def test_second_fetch_is_offline_and_instant(ml_home, monkeypatch):
     monkeypatch.setenv("FEDSIM_HOME", str(ml_home))
     assert fedsim_home() == ml_home
     messages = []
-    start = time.perf_counter()
     path = fetch_movielens_100k(log=messages.append)
-    assert time.perf_counter() - start < 0.5
-    assert messages == []  # any download or fallback would have logged
+    # No wall-clock bound (a loaded CI machine would fail it): any download or fallback would have logged.
+    assert messages == []
     assert path == ml_home / "data" / "movielens-100k"
 
 

@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 
 from fedsim.client.compiled import compile_decoder
-from fedsim.client.faults import maybe_crash
+from fedsim.client.faults import claim, maybe_crash, maybe_slow
 from fedsim.client.schedule import client_lr
 from fedsim.client.seeds import client_seed
 from fedsim.client.trainers import Fused, LocalRun, adapter_class, local_loop, trainer_class
@@ -108,6 +108,7 @@ class ClientExecutor:
         """Everything before a client's first local step: its rows, the received adapter (and its own
         local part) in the model, its AdamW with its saved moments, its seeded batch order."""
         maybe_crash(self.cfg, self.run_dir, client, round)
+        maybe_slow(self.cfg, self.run_dir, client, round)
         t0 = time.perf_counter()
         t = self.cfg.train
         rows = self._rows(client, "train")
@@ -157,7 +158,11 @@ class ClientExecutor:
         members = np.union1d((run.saved or {}).get("members", np.zeros(0, dtype=np.int64)), sorted(run.used))
         saved = {"opt": opt_state_to_flat(run.opt), "privacy": run.state, "members": members.astype(np.int64)}
         self.adapter.keep(saved)
-        self.store.save(run.client, run.round, saved)
+        # Past faults.round_timeout the driver has dropped this client from the round: nothing of
+        # the round is kept, so its late update never reaches a later one.
+        late = self.cfg.faults.round_timeout is not None and not claim(self.run_dir, run.client, run.round, "done")
+        if not late:
+            self.store.save(run.client, run.round, saved)
         meta = {"client": run.client, "executor": self.executor_id, "num_samples": run.seen, "weight": weight,
                 "steps": run.steps, "lr": run.lr, "loss": float(np.mean(losses)) if losses else float("nan"),
                 # This client's own time (fused: its share of the loop, not the whole group's).
@@ -165,7 +170,8 @@ class ClientExecutor:
                 "metrics": {**metrics, **post_metrics, **self.adapter.metrics()},
                 # for throughput and overhead figures (fedsim bench): time in the local-training loop,
                 # tokens trained on, this process's peak memory
-                "step_seconds": step_seconds, "tokens": int(run.tokens), "peak_bytes": peak_memory_bytes(self.device)}
+                "step_seconds": step_seconds, "tokens": int(run.tokens), "peak_bytes": peak_memory_bytes(self.device),
+                "late": late}
         return meta, delta
 
     def _train(self, trainer, clients: list[int], round: int, params: list, lrs: list[float],

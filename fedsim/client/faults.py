@@ -1,8 +1,19 @@
-"""Injected faults (`faults.crash`): a client's executor process dies at the start of a chosen
-round, once, as a lost machine would look."""
+"""Injected faults and stragglers.
+
+`faults.crash`: a client's executor process dies at the start of a chosen round, once, as a lost
+machine would look. `faults.slow`: a client is a straggler in a chosen round.
+
+`faults.round_timeout`: whether a client's round counts is decided by one file per (round, client),
+created exclusively (O_EXCL) by whoever comes first: the executor when the client's local training
+is done ("done"), or the driver when the client is not back in time ("late"). The loser abides:
+an executor that finds "late" discards the update and saves nothing of the round (no optimizer
+moments, no local factors), so a late update never reaches a later round; a driver that finds
+"done" waits for that client's result, which is on its way.
+"""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 
@@ -14,3 +25,35 @@ def maybe_crash(cfg, run_dir: Path, client: int, round: int) -> None:
                 marker.parent.mkdir(exist_ok=True)
                 marker.touch()
                 os._exit(1)  # a real process death
+
+
+def claim_path(run_dir: Path, client: int, round: int) -> Path:
+    return Path(run_dir) / "faults" / "claims" / f"r{round}_c{client}"
+
+
+def claim(run_dir: Path, client: int, round: int, who: str) -> bool:
+    """Claim (round, client) for `who` ("done" or "late"); False when the other side has it."""
+    path = claim_path(run_dir, client, round)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return path.read_text().strip() == who if path.stat().st_size else False
+    with os.fdopen(fd, "w") as f:
+        f.write(who)
+    return True
+
+
+def clear_claims(run_dir: Path, clients: list[int], round: int) -> None:
+    """Before a round is dispatched: claims of an earlier attempt at it (a resumed run) are void."""
+    for c in clients:
+        claim_path(run_dir, c, round).unlink(missing_ok=True)
+
+
+def maybe_slow(cfg, run_dir: Path, client: int, round: int) -> None:
+    """A straggler: start only after the driver has marked the client late (bounded, in case it never does)."""
+    if not any(s["round"] == round and s["client"] == client for s in cfg.faults.slow):
+        return
+    deadline = time.monotonic() + 10 * cfg.faults.round_timeout + 60
+    while not claim_path(run_dir, client, round).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)

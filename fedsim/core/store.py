@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from fedsim.core.files import StateFileError, load_torch, save_torch
+
 FORMAT = 2  # 1: one file per client version in a shared directory, the optimizer as a state_dict
 MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
@@ -116,15 +118,22 @@ class ClientStore:
     def load(self, client: int, before_round: int) -> dict | None:
         """The newest entry saved after a round < `before_round`, or None."""
         older = [(r, p) for r, p in self._versions(client) if r < before_round]
-        return torch.load(older[-1][1], weights_only=False) if older else None
+        if not older:
+            return None
+        path = older[-1][1]
+        entry = load_torch(path, f"client {client}'s store entry",
+                           "delete that file and resume: the client then continues from its previous entry, "
+                           "or from the global model")
+        if not isinstance(entry, dict) or entry.get("format") != FORMAT:
+            found = entry.get("format") if isinstance(entry, dict) else type(entry).__name__
+            raise StateFileError(f"client {client}'s store entry {path} has format {found!r}, this fedsim reads "
+                                 f"format {FORMAT}: resume with the fedsim version that wrote it, or start a new run")
+        return entry
 
     def save(self, client: int, round: int, state: dict) -> None:
         d = self.client_dir(client)
         d.mkdir(exist_ok=True)
-        path = d / f"r{round}.pt"
-        tmp = d / f"r{round}.tmp{os.getpid()}"
-        torch.save({"format": FORMAT, **state}, tmp)
-        os.replace(tmp, path)
+        save_torch({"format": FORMAT, **state}, d / f"r{round}.pt")
         # Keep the previous version too: a crash mid-round leaves the round's new one unusable.
         for _, p in self._versions(client)[:-2]:
             p.unlink(missing_ok=True)

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fedsim.data.samples import SPLITS
+from fedsim.schema import ConfigError
 
 METHODS = ("iid", "dirichlet", "kmeans")
 _KMEANS_ITERS = 100
@@ -72,9 +73,9 @@ def partition_users(users: np.ndarray, num_clients: int, method: str, seed: int 
                     alpha: float = 0.5, embeddings: np.ndarray | None = None) -> np.ndarray:
     users = np.asarray(users)
     if method not in METHODS:
-        raise ValueError(f"partition.method must be one of {', '.join(METHODS)}; got {method!r}")
+        raise ConfigError(f"partition.method must be one of {', '.join(METHODS)}; got {method!r}")
     if num_clients < 1 or num_clients > len(users):
-        raise ValueError(f"clients.num={num_clients} must be between 1 and the number of users "
+        raise ConfigError(f"clients.num={num_clients} must be between 1 and the number of users "
                          f"({len(users)})")
     if method != "iid":
         if embeddings is None:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from fedsim.models.layout import Layout, lora_sites, part_of_name  # noqa: F401 (lora_sites: callers import it here)
+from fedsim.schema import ConfigError
 
 PARTS = ("lora_A", "lora_B")
 
@@ -51,6 +52,34 @@ def attach_lora(model, lora_cfg, seed: int):
         return get_peft_model(model, cfg).eval()
     except ValueError as e:
         raise ValueError(f"model.lora.target_modules {lora_cfg.target_modules}: {e}") from e
+
+
+def check_lora_targets(cfg, model_path: str) -> None:
+    """Before any actor starts: every `model.lora.target_modules` entry names a layer of the
+    model, and `model.lora.top_layers` fits its depth (peft would refuse either inside every
+    executor, after Ray has started). Builds the model on the meta device (no weights, no memory)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    lora = cfg.model.lora
+    try:
+        config = AutoConfig.from_pretrained(model_path)
+        with torch.device("meta"):
+            lm = AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.name: cannot read the model config of {model_path!r}: "
+                          f"{str(e).splitlines()[0]}") from None
+    names = [n for n, _ in lm.named_modules() if n]
+    # peft matches a plain name against the end of a module's dotted name.
+    unknown = [t for t in lora.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if unknown:
+        # What LoRA can adapt: Linear layers (and GPT-2's Conv1D projections).
+        layers = sorted({n.rsplit(".", 1)[-1] for n, m in lm.named_modules()
+                         if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"})
+        raise ConfigError(f"model.lora.target_modules: {unknown} not among the layers of model.name "
+                          f"{cfg.model.name!r}: {', '.join(layers)}")
+    depth = getattr(config, "num_hidden_layers", None)
+    if lora.top_layers is not None and depth is not None and lora.top_layers > depth:
+        raise ConfigError(f"model.lora.top_layers: {lora.top_layers} must be in [1, {depth}] (the model's decoder layers)")
 
 
 def trainable(model) -> list[torch.nn.Parameter]:

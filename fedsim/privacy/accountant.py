@@ -15,6 +15,7 @@ import functools
 import math
 import warnings
 
+from fedsim.schema import ConfigError
 KINDS = ("rdp", "prv")
 MAX_NOISE = 1000.0
 
@@ -103,16 +104,16 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
     """
     where = f"with delta={delta:g} in {steps} {unit} at sample rate {sample_rate:g}"
     if not target_epsilon > 0 or math.isinf(target_epsilon):
-        raise ValueError(f"{key}: {target_epsilon!r} must be a finite number > 0")
+        raise ConfigError(f"{key}: {target_epsilon!r} must be a finite number > 0")
     if not 0 < delta < 1:
-        raise ValueError(f"{key}: cannot calibrate with delta={delta!r}: delta must be in (0, 1)")
+        raise ConfigError(f"{key}: cannot calibrate with delta={delta!r}: delta must be in (0, 1)")
     if steps < 1 or not 0 < sample_rate <= 1:
-        raise ValueError(f"{key}: cannot calibrate noise for {steps} {unit} at sample rate {sample_rate!r}")
+        raise ConfigError(f"{key}: cannot calibrate noise for {steps} {unit} at sample rate {sample_rate!r}")
     eps = lambda z: epsilon_for(z, sample_rate, steps, delta, accountant)  # noqa: E731
     # Epsilon falls as the noise grows, but not to 0 (RDP's conversion has a floor): a target
     # below epsilon at the largest noise allowed is unreachable.
     if eps(MAX_NOISE) > target_epsilon:
-        raise ValueError(f"{key}: {target_epsilon:g} cannot be reached {where} "
+        raise ConfigError(f"{key}: {target_epsilon:g} cannot be reached {where} "
                          f"(noise multiplier would exceed {MAX_NOISE:g})")
     lo, hi = 0.0, 1.0
     while (e_hi := eps(hi)) > target_epsilon:

@@ -20,7 +20,7 @@ from fedsim.core.placement import bundle_placement
 from fedsim.models.loader import load_base, quiet_transformers
 from fedsim.models.lora import attach_lora
 from fedsim.models.split import Middle, decoder_of, layer_lora, layer_ranges, param_count
-from fedsim.schema import config_from_dict, to_dict
+from fedsim.schema import ConfigError, config_from_dict, to_dict
 
 
 class SplitServer:
@@ -84,7 +84,7 @@ def start_split_server(cfg, model_path: str, num_executors: int, executor_gpus: 
     total = ray.cluster_resources()
     need = num_executors * cfg.executors.num_cpus + s.server_num_cpus
     if need > total.get("CPU", 0) + 1e-9:
-        raise ValueError(f"storage.server_num_cpus={s.server_num_cpus:g} does not fit: the executors take "
+        raise ConfigError(f"storage.server_num_cpus={s.server_num_cpus:g} does not fit: the executors take "
                          f"{num_executors * cfg.executors.num_cpus:g} of the cluster's {total.get('CPU', 0):g} CPUs")
     gpus = executor_gpus if s.server_num_gpus == "auto" else float(s.server_num_gpus)
     name = f"fedsim-split-server-{uuid.uuid4().hex[:12]}"

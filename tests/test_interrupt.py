@@ -1,0 +1,120 @@
+"""A `fedsim run` driver interrupted for real, in a process of its own: Ctrl+C (SIGINT), then SIGKILL
+mid-round, each time resumed with `fedsim run --resume RUN_DIR` through the CLI. It must end on the
+uninterrupted run's adapter and metrics (LoRA dropout on), its MLflow run holding every round once,
+also while another `fedsim run` writes to the same sqlite store at the same time."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedsim.config import load_config
+from fedsim.core.files import StateFileError
+from fedsim.simulation import load_checkpoint, run, sample_clients
+
+ROOT = Path(__file__).resolve().parents[1]
+# One pooled executor serves the 3 clients: one actor to start per driver, not three.
+OVERRIDES = ["train.rounds=3", "model.lora.dropout=0.1", "clients.per_round=2", "executors.num=1"]
+
+
+def cli(ray_local, cwd, *args) -> subprocess.Popen:
+    """`fedsim run ...` in its own process, a driver joining the test session's Ray instance
+    (one Ray instance per machine: a second local one would collide with it)."""
+    # Token auth as the session's instance has it: fedsim's init_ray sends the token when it finds one.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    # cwd: MLflow puts a sqlite store's artifacts under ./mlruns.
+    return subprocess.Popen([sys.executable, "-m", "fedsim.cli", "run", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_round(run_root: Path, round: int, proc: subprocess.Popen, timeout: float = 240) -> Path:
+    """The run directory, once its checkpoint covers `round` (0-based)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        dirs = list(run_root.glob("tiny-*")) if run_root.exists() else []
+        if dirs and (dirs[0] / "checkpoint.pt").exists():
+            try:
+                if load_checkpoint(dirs[0])["round"] >= round:
+                    return dirs[0]
+            except StateFileError:  # cannot happen with atomic writes: fail loudly if it does
+                raise
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+    raise TimeoutError(f"no checkpoint of round {round + 1} within {timeout:.0f} s")
+
+
+def test_ctrl_c_then_sigkill_mid_round_then_resume_ends_like_an_uninterrupted_run(ray_local, tmp_path):
+    from mlflow import MlflowClient
+
+    full = run(load_config(ROOT / "configs" / "tiny.yaml", [f"output_dir={tmp_path / 'full'}",
+                                                            "tracking.enabled=false", *OVERRIDES]), log=lambda *a: None)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    runs = tmp_path / "runs"
+    common = ["--tracking-uri", uri]
+
+    # The driver is held mid-round deterministically, not by timing: one of the round's clients is a
+    # straggler (faults.slow) that waits for a 600 s round timeout, so the round cannot end before
+    # the signal. Faults change nothing else: the resumed run drops them with --force.
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", OVERRIDES)
+    hold = lambda r: ["faults.round_timeout=600", f"faults.slow=[{{round: {r}, client: {sample_clients(cfg, r)[0]}}}]"]  # noqa: E731
+    sets = lambda *o: [x for v in o for x in ("--set", v)]  # noqa: E731
+
+    # Ctrl+C in round 2 (round 1 checkpointed): exit 130, the checkpoint intact, one line saying how to resume.
+    proc = cli(ray_local, tmp_path, str(ROOT / "configs" / "tiny.yaml"), *common,
+               *sets(f"output_dir={runs}", *OVERRIDES, *hold(1)))
+    run_dir = wait_for_round(runs, 0, proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert f"fedsim: interrupted; continue with: fedsim run --resume {run_dir}" in err.splitlines()
+    assert "Traceback" not in err
+    assert load_checkpoint(run_dir)["round"] == 0
+
+    # Resume (held in round 3 now), and SIGKILL the driver mid-round: no chance to clean up.
+    proc = cli(ray_local, tmp_path, "--resume", str(run_dir), *common, "--force", *sets(*hold(2)))
+    wait_for_round(runs, 1, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert load_checkpoint(run_dir)["round"] == 1
+
+    # The last resume, and meanwhile a second run of its own, both writing to the one sqlite store.
+    proc = cli(ray_local, tmp_path, "--resume", str(run_dir), *common, "--force", *sets("faults.slow=[]"))
+    other = cli(ray_local, tmp_path, str(ROOT / "configs" / "tiny.yaml"), *common,
+                *[x for o in [f"output_dir={tmp_path / 'other'}", "name=other", *OVERRIDES] for x in ("--set", o)])
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert f"run directory: {run_dir}" in out
+    _, other_err = other.communicate(timeout=300)
+    assert other.returncode == 0, other_err[-3000:]
+
+    a = load_file(Path(full["run_dir"]) / "adapter" / "adapter_model.safetensors")
+    b = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    history = load_checkpoint(run_dir)["history"]
+    assert [h["round"] for h in history] == [0, 1, 2]
+    for key in ("auc", "logloss", "accuracy", "train_loss"):
+        assert history[-1][key] == pytest.approx(full["final"].get(key, history[-1][key]), abs=1e-6), key
+    # The interrupted run is one MLflow run, continued; it and the concurrent one hold every metric
+    # of every round exactly once.
+    client = MlflowClient(tracking_uri=uri)
+    tracked = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("fedsim").experiment_id])}
+    assert sorted(tracked) == ["other", "tiny"] and all(r.info.status == "FINISHED" for r in tracked.values())
+    for r in tracked.values():
+        counted = 0
+        for key in r.data.metrics:
+            steps = [m.step for m in client.get_metric_history(r.info.run_id, key)]
+            assert len(steps) == len(set(steps)), (r.info.run_name, key, steps)
+            counted += len(steps)
+        for key in ("train_loss", "auc", "round_seconds"):
+            assert sorted(m.step for m in client.get_metric_history(r.info.run_id, key)) == [0, 1, 2], key
+        assert counted > 100
+    tiny = tracked["tiny"].info.run_id
+    assert client.get_metric_history(tiny, "auc")[-1].value == pytest.approx(full["final"]["auc"], abs=1e-6)
