@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fedsim.config import flatten, to_dict
+from fedsim.config import ConfigError, flatten, to_dict
 from fedsim.data.partition import shard_stats, write_shard_files
 from fedsim.simulation import init_ray, load_run_config
 from fedsim.tracking import Tracker, resolve_uri
@@ -33,11 +33,11 @@ def rows_to_delete(rows: pd.DataFrame, users: list[int] | None, rows_file: str |
     """A boolean mask over `rows`: every row of `users`, or the rows (user, item, timestamp) listed
     in `rows_file` (CSV or Parquet); a listed row the run does not have is an error."""
     if bool(users) == bool(rows_file):
-        raise ValueError("give exactly one of --users and --rows")
+        raise ConfigError("give exactly one of --users and --rows")
     if users:
         missing = sorted(set(users) - set(rows["user"].unique().tolist()))
         if missing:
-            raise ValueError(f"--users: the run has no rows of users {missing[:10]}")
+            raise ConfigError(f"--users: the run has no rows of users {missing[:10]}")
         return rows["user"].isin(users)
     path = Path(rows_file)
     if not path.exists():
@@ -45,11 +45,11 @@ def rows_to_delete(rows: pd.DataFrame, users: list[int] | None, rows_file: str |
     wanted = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
     absent = [c for c in KEY if c not in wanted.columns]
     if absent:
-        raise ValueError(f"--rows {rows_file}: no column(s) {absent}; the rows are named by user, item, timestamp")
+        raise ConfigError(f"--rows {rows_file}: no column(s) {absent}; the rows are named by user, item, timestamp")
     wanted = wanted[KEY].astype("int64").drop_duplicates()
     hit = rows[KEY].merge(wanted.assign(_hit=True), on=KEY, how="left")["_hit"].fillna(False).astype(bool).to_numpy()
     if hit.sum() < len(wanted):
-        raise ValueError(f"--rows {rows_file}: {len(wanted) - int(hit.sum())} of its {len(wanted)} rows are not in the run")
+        raise ConfigError(f"--rows {rows_file}: {len(wanted) - int(hit.sum())} of its {len(wanted)} rows are not in the run")
     return pd.Series(hit, index=rows.index)
 
 
@@ -76,11 +76,11 @@ def unlearn(run_dir: str | Path, users: list[int] | None = None, rows_file: str 
     cfg = load_run_config(run_dir)
     K = cfg.unlearning.shards
     if not K:
-        raise ValueError(f"{run_dir}: not a sharded run (unlearning.shards is 0); it can only be retrained")
+        raise ConfigError(f"{run_dir}: not a sharded run (unlearning.shards is 0); it can only be retrained")
     path = run_dir / "summary.json"
     before = json.loads(path.read_text()) if path.exists() else {}
     if not before.get("complete") or "unlearning" not in before:
-        raise ValueError(f"{run_dir}: the sharded run has not finished; finish it first (fedsim run --resume {run_dir})")
+        raise ConfigError(f"{run_dir}: the sharded run has not finished; finish it first (fedsim run --resume {run_dir})")
     t0 = time.perf_counter()
     info = json.loads((run_dir / "prepared.json").read_text())
     rows = with_shard(read_rows(run_dir), pd.read_parquet(assignment_path(run_dir)))
