@@ -154,7 +154,8 @@ def test_real_smollm2_learns_on_a_few_hundred_real_rows():
                                                   "train.rounds=1", "train.local_steps=48", "train.batch_size=4"])
     with tempfile.TemporaryDirectory() as tmp:
         info = prepare(cfg, Path(tmp), log=lambda *a: None)
-        ex = ClientExecutor(to_dict(cfg), tmp, info["model_path"], 0, num_threads=1)
+        # Both cores: CI runs this test alone (its threads would only contend on a loaded dev machine).
+        ex = ClientExecutor(to_dict(cfg), tmp, info["model_path"], 0, num_threads=2)
 
         def test_loss(params):
             r = ex.evaluate(0, params, "test")
