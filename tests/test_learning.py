@@ -144,10 +144,7 @@ def test_real_smollm2_learns_on_a_few_hundred_real_rows():
     """SmolLM2-135M on MovieLens-100K (TALLRec protocol and prompt), 192 training rows: the held-out
     loss on 100 fixed test rows must fall (measured 0.738 -> 0.633; on 200 rows it was 0.699 -> 0.653,
     at 1.5x the test's time). At this budget the ranking is not learned yet; it is at 512 rows (0.77,
-    the quickstart and docs/results.md), too slow for a test. The tiny-model tests check AUC through Ray."""SmolLM2-135M on MovieLens-100K (TALLRec protocol and prompt), 192 training rows: the held-out
-    loss on 200 fixed test rows must fall (measured 0.699 -> 0.653). At this budget the ranking is
-    not learned yet (AUC 0.681 -> 0.644 on these rows, within their noise); it is at 512 rows (0.77,
-    the quickstart and README), too slow for a test. The tiny-model tests check AUC through Ray."""
+    the quickstart and docs/results.md), too slow for a test. The tiny-model tests check AUC through Ray."""
     from fedsim.client.executor import ClientExecutor
     from fedsim.config import to_dict
     from fedsim.metrics import logloss
