@@ -158,7 +158,7 @@ def cmd_plot(a) -> None:
         err = [[r["auc"] - r["ci"][0] for r in rows], [r["ci"][1] - r["auc"] for r in rows]]
         ax.errorbar(xs, ys, yerr=err, marker="o", capsize=4, label=label)
     first = runs[0][1][-1]
-    for (name, b), color in zip(first["baselines"].items(), ("tab:gray", "tab:green", "tab:red")):
+    for (name, b), color in zip(first["baselines"].items(), ("tab:gray", "tab:green", "tab:purple", "tab:red")):
         ax.axhline(b["auc"], ls="--", color=color, lw=1, label=f"{name} {b['auc']:.3f}")
         ax.axhspan(b["ci"][0], b["ci"][1], color=color, alpha=0.08)
     ax.set_xscale("log", base=2)

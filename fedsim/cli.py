@@ -16,7 +16,8 @@ def _err(msg: str) -> int:
 
 
 def cmd_run(a) -> int:
-    from fedsim.simulation import QuorumError, Simulation, resume_config
+    from fedsim.runs import make_run
+    from fedsim.simulation import QuorumError, resume_config
 
     if a.resume:
         if a.config:
@@ -28,21 +29,14 @@ def cmd_run(a) -> int:
         if a.force:
             return _err("--force goes with --resume (to continue a run with a changed config)")
         cfg = load_config(a.config, a.set)
-    sharded = bool(cfg.unlearning.shards)  # one adapter per shard (fedsim.unlearning)
-    sim = None if sharded else Simulation(cfg if not a.resume else None, a.resume, tracking_uri=a.tracking_uri)
+    sim = make_run(cfg if not a.resume else None, a.resume, tracking_uri=a.tracking_uri)
     try:
-        if sharded:
-            from fedsim.unlearning.sharded import run_sharded
-
-            summary = run_sharded(cfg, run_dir=a.resume, tracking_uri=a.tracking_uri)
-        else:
-            summary = sim.run()
+        summary = sim.run()
     except QuorumError as e:
         return _err(str(e))
     except KeyboardInterrupt:
         # The last checkpoint is whole (written atomically); Ray's actors go with this process.
-        where = sim.run_dir if sim is not None else (a.resume or "RUN_DIR (printed above)")
-        print(f"\nfedsim: interrupted; continue with: fedsim run --resume {where}", file=sys.stderr)
+        print(f"\nfedsim: interrupted; continue with: fedsim run --resume {sim.run_dir}", file=sys.stderr)
         return 130
     if a.summary_json:
         Path(a.summary_json).write_text(json.dumps(summary, indent=1, default=float))

@@ -13,7 +13,7 @@ from fedsim.data.interactions import InteractionsError, load_interactions
 from fedsim.data.movielens import GROUPLENS_URL, RATINGS_SHA256, load_movielens_100k, ratings_sha256
 from fedsim.data.partition import assign_shards, partition_users, shard_stats, write_shard_files
 from fedsim.data.prompt import EXTRA_WORDS, prompt_template
-from fedsim.data.samples import build_samples, item_texts, user_embeddings
+from fedsim.data.samples import add_target_rate, build_samples, item_texts, user_embeddings
 from fedsim.data.synthetic import make_synthetic
 from fedsim.models.loader import resolve_model
 from fedsim.schema import ConfigError
@@ -55,6 +55,7 @@ def build_all_samples(cfg, log=print) -> tuple[pd.DataFrame, pd.DataFrame]:
     samples = build_samples(ratings, items, history_len=d.history_len, like_threshold=threshold,
                             split=tuple(d.split), protocol=d.protocol, keep_last=d.keep_last,
                             with_year=d.item_text == "title_year")
+    samples = add_target_rate(samples)
     if d.dataset == "interactions":
         counts = samples["split"].value_counts()
         empty = [s for s in ("train", "valid", "test") if not counts.get(s, 0)]

@@ -16,7 +16,7 @@ LAYERS = [
     ("privacy mechanisms", ["fedsim.privacy"]),
     ("chain, client, server", ["fedsim.postprocessors", "fedsim.client", "fedsim.server", "fedsim.baselines"]),
     ("driver", ["fedsim.config", "fedsim.prepare", "fedsim.simulation", "fedsim.compare", "fedsim.report", "fedsim.tracking",
-                "fedsim.unlearning", "fedsim.inprocess", "fedsim.reference"]),
+                "fedsim.unlearning", "fedsim.inprocess", "fedsim.reference", "fedsim.runs"]),
     ("entry points", ["fedsim.tuning", "fedsim.cli"]),
 ]
 APART = [("fedsim.client", "fedsim.server"), ("fedsim.server", "fedsim.client")]

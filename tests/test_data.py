@@ -246,6 +246,9 @@ def test_baselines_accept_shard_rows(tmp_path, synthetic_samples, embedded_users
     for name in a:
         np.testing.assert_allclose(a[name], b[name], rtol=1e-6)
     result = evaluate_baselines(train, from_memory)
-    assert set(result) == {"popularity", "history_share", "logistic_mf"}
+    assert set(result) == {"popularity", "history_share", "history_popularity", "logistic_mf"}
+    # The combination's log-odds are the sum of its two parts' log-odds.
+    logit = lambda p: np.log(p / (1 - p))  # noqa: E731
+    np.testing.assert_allclose(logit(a["history_popularity"]), logit(a["history_share"]) + logit(a["popularity"]))
     # Planted tastes are learnable: the factor model must beat item popularity clearly.
     assert result["logistic_mf"]["auc"] > result["popularity"]["auc"] + 0.05

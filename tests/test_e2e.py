@@ -26,7 +26,7 @@ def test_two_rounds_three_clients_end_to_end(ray_local, tiny_cfg, tmp_path):
     run_dir = Path(summary["run_dir"])
     assert summary["complete"] and summary["rounds_done"] == 2 and summary["clients"] == 3
     assert 0 <= summary["final"]["auc"] <= 1 and summary["dropped"] == []
-    assert set(summary["baselines"]) == {"popularity", "history_share", "logistic_mf"}
+    assert set(summary["baselines"]) == {"popularity", "history_share", "history_popularity", "logistic_mf"}
     f = summary["final"]
     assert f["auc_ci_low"] <= f["auc"] <= f["auc_ci_high"]
     assert all(m["auc_ci_low"] <= m["auc"] <= m["auc_ci_high"] for m in summary["baselines"].values())

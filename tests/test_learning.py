@@ -54,6 +54,25 @@ def test_prompt_templates_fill_liked_disliked_and_target():
     assert render_prompt(["A"], ["B"], "C", PLAIN_TEMPLATE).startswith("Given the user's liked and disliked movies")
 
 
+def test_a_template_can_show_the_target_items_like_rate():
+    from fedsim.data.prompt import TALLREC_RATE_TEMPLATE, render_prompts
+    from fedsim.data.samples import add_target_rate
+
+    rows = pd.DataFrame({"liked": [["A"], []], "disliked": [[], ["B"]], "title": ["Heat (1995)", "Fargo (1996)"],
+                         "target_rate": [0.724, 0.05]})
+    p = render_prompts(rows, TALLREC_RATE_TEMPLATE)
+    assert p[0].endswith('the target movie "Heat (1995)" (liked by 72% of its viewers)?\nAnswer:')
+    assert "(liked by 5% of its viewers)" in p[1]
+    assert render_prompts(rows.drop(columns="target_rate"), "{target}: {target_rate}") == ["Heat (1995): unknown",
+                                                                                           "Fargo (1996): unknown"]
+    # The rate comes from the train split only (smoothed toward the overall rate): valid/test labels never leak in.
+    s = pd.DataFrame({"item": [1, 1, 1, 2, 1], "label": [1, 1, 0, 0, 0], "split": ["train"] * 4 + ["test"]})
+    rate = add_target_rate(s)["target_rate"].to_numpy()
+    overall = 2 / 4
+    assert rate[0] == pytest.approx((2 + 5 * overall) / (3 + 5)) and rate[4] == rate[0]
+    assert rate[3] == pytest.approx((0 + 5 * overall) / (1 + 5))
+
+
 def test_items_are_written_with_their_year_where_known():
     items = pd.DataFrame({"item": [1, 2], "title": ["Toy Story", "unknown"], "year": pd.array([1995, None], dtype="Int64")})
     assert item_texts(items, with_year=True).tolist() == ["Toy Story (1995)", "unknown"]

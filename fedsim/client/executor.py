@@ -32,7 +32,7 @@ from fedsim.client.seeds import client_seed
 from fedsim.client.trainers import Fused, LocalRun, adapter_class, local_loop, trainer_class
 from fedsim.client.trainers.base import batch_stream  # noqa: F401 (imported from here by older callers)
 from fedsim.core.store import ClientStore, flat_to_opt_state, opt_state_to_flat
-from fedsim.data.prompt import prompt_template, render_prompt
+from fedsim.data.prompt import prompt_template, render_prompts
 from fedsim.models.loader import load_base, quiet_transformers
 from fedsim.models.lora import attach_lora, get_flat
 from fedsim.models.scoring import answer_token_ids, encode, p_yes, preference_loss
@@ -101,8 +101,7 @@ class ClientExecutor:
         return df[df["split"] == split].reset_index(drop=True)
 
     def _batch(self, rows: pd.DataFrame) -> dict:
-        prompts = [render_prompt(a, b, t, self.template) for a, b, t in zip(rows["liked"], rows["disliked"], rows["title"])]
-        return encode(self.tokenizer, prompts, self.cfg.model.max_length, self.device)
+        return encode(self.tokenizer, render_prompts(rows, self.template), self.cfg.model.max_length, self.device)
 
     def begin_local(self, client: int, round: int, params, lr: float) -> LocalRun:
         """Everything before a client's first local step: its rows, the received adapter (and its own

@@ -25,8 +25,13 @@ PLAIN_TEMPLATE = (
     "Answer:"
 )
 
+# TALLRec's wording plus the target's like-rate over the train split ({target_rate}, e.g. "72%"):
+# the item signal the popularity baseline uses, which the model cannot read off a title alone.
+TALLREC_RATE_TEMPLATE = TALLREC_TEMPLATE.replace(
+    '"{target}"?\n', '"{target}" (liked by {target_rate} of its viewers)?\n')
+
 DEFAULT_TEMPLATE = TALLREC_TEMPLATE
-FIELDS = ("liked", "disliked", "target")
+FIELDS = ("liked", "disliked", "target", "target_rate")
 # Words a word-level tokenizer (the tiny test model) must know besides the template and the titles.
 EXTRA_WORDS = 'Yes No none "'
 
@@ -43,7 +48,7 @@ def check_template(template: str) -> None:
     names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
     unknown = names - set(FIELDS)
     if unknown:
-        raise ValueError(f"data.prompt: unknown placeholder(s) {sorted(unknown)}; use {{liked}}, {{disliked}}, {{target}}")
+        raise ValueError(f"data.prompt: unknown placeholder(s) {sorted(unknown)}; use {{liked}}, {{disliked}}, {{target}}, {{target_rate}}")
     if "target" not in names:
         raise ValueError("data.prompt: the template must contain {target} (the item to score)")
 
@@ -52,5 +57,12 @@ def _titles(titles) -> str:
     return ", ".join(f'"{t}"' for t in titles) if len(titles) else "none"
 
 
-def render_prompt(liked, disliked, title: str, template: str = DEFAULT_TEMPLATE) -> str:
-    return template.format(liked=_titles(liked), disliked=_titles(disliked), target=title)
+def render_prompt(liked, disliked, title: str, template: str = DEFAULT_TEMPLATE, target_rate: float | None = None) -> str:
+    rate = "unknown" if target_rate is None else f"{target_rate:.0%}"
+    return template.format(liked=_titles(liked), disliked=_titles(disliked), target=title, target_rate=rate)
+
+
+def render_prompts(rows, template: str = DEFAULT_TEMPLATE) -> list[str]:
+    """One prompt per row of a samples frame (columns liked, disliked, title, target_rate)."""
+    rates = rows["target_rate"] if "target_rate" in rows else [None] * len(rows)
+    return [render_prompt(a, b, t, template, r) for a, b, t, r in zip(rows["liked"], rows["disliked"], rows["title"], rates)]

@@ -25,6 +25,7 @@ def _history_lists(titles: np.ndarray, source: np.ndarray, target: np.ndarray, k
     return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+SMOOTHING = 5.0  # pseudo-counts pulling sparse users/items toward the global like-rate
 PROTOCOLS = ("global", "tallrec")
 TALLREC_ROWS = 10_000
 
@@ -94,6 +95,23 @@ def build_samples(ratings: pd.DataFrame, items: pd.DataFrame, history_len=10, li
     split_of[cut_train:cut_valid] = SPLITS[1]
     samples["split"] = pd.Series(split_of, dtype="str")
     return samples
+
+
+def like_rate(train: pd.DataFrame, key: str, evaluate: pd.DataFrame) -> np.ndarray:
+    """Smoothed share of `train` rows with label 1 per value of `key` (an item's like-rate over
+    the training split), for each row of `evaluate`; unseen values get the overall rate."""
+    overall = train["label"].mean()
+    grouped = train.groupby(key)["label"].agg(["sum", "count"])
+    rate = (grouped["sum"] + SMOOTHING * overall) / (grouped["count"] + SMOOTHING)
+    return evaluate[key].map(rate).fillna(overall).to_numpy(dtype=np.float64)
+
+
+def add_target_rate(samples: pd.DataFrame) -> pd.DataFrame:
+    """Column `target_rate`: the target item's like-rate over the train split, the number the
+    popularity baseline scores with, for templates that show it ({target_rate}). It is computed
+    on pooled training rows, as a public catalogue rating would be known to every client."""
+    train = samples[samples["split"] == SPLITS[0]]
+    return samples.assign(target_rate=like_rate(train, "item", samples))
 
 
 def item_texts(items: pd.DataFrame, with_year: bool = False) -> pd.Series:

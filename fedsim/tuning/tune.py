@@ -29,11 +29,11 @@ import ray
 from ray import tune
 
 from fedsim.config import ConfigError, config_from_dict, to_dict
-from fedsim.simulation import Simulation, executor_gpus, init_ray
+from fedsim.runs import make_run
+from fedsim.simulation import executor_gpus, init_ray
 from fedsim.tracking import Tracker, resolve_uri, retry_locked
 from fedsim.tuning import report as sweep_report  # not fedsim.report, the single run's report
 from fedsim.tuning.sweep import METRICS, Sweep, Trial, describe_point, expand, load_base, parse_sweep
-from fedsim.unlearning.sharded import ShardedRun
 
 # What each trial reports to Tune once per round (the scheduler compares trials on `metric`).
 REPORTED = (*METRICS, "bytes_up", "round_seconds")
@@ -118,10 +118,7 @@ def run_trial(config: dict, trials: list[dict], parent_run_id: str | None, sweep
     tags = {"fedsim.sweep": sweep_name, "fedsim.trial": str(spec["trial"])}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
-    if cfg.unlearning.shards:  # shard adapters, merged: one report at the end (fedsim.unlearning)
-        ShardedRun(cfg, Path(spec["run_dir"]), on_round=on_round, tags=tags).run()
-    else:
-        Simulation(cfg, Path(spec["run_dir"]), on_round=on_round, tags=tags).run()
+    make_run(cfg, Path(spec["run_dir"]), on_round=on_round, tags=tags).run()
     if final:
         report(*final[0])
 

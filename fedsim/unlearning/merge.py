@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fedsim.data.prompt import prompt_template, render_prompt
+from fedsim.data.prompt import prompt_template, render_prompts
 from fedsim.metrics import auc, auc_ci
 from fedsim.models.fused import FusedLoRA
 from fedsim.models.loader import load_base, quiet_transformers
@@ -26,8 +26,7 @@ from fedsim.models.scoring import answer_token_ids, causal_lm, encode, p_yes, ye
 
 
 def prompts(cfg, rows: pd.DataFrame) -> list[str]:
-    template = prompt_template(cfg)
-    return [render_prompt(a, b, t, template) for a, b, t in zip(rows["liked"], rows["disliked"], rows["title"])]
+    return render_prompts(rows, prompt_template(cfg))
 
 
 @torch.no_grad()

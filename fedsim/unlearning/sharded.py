@@ -261,6 +261,3 @@ class ShardedRun:
                  f"{f['apa_outputs/auc']:.4f}, SISA {f['sisa/auc']:.4f}, mean single shard {f['shard_auc_mean']:.4f}")
         return summary
 
-
-def run_sharded(cfg: Config | None = None, run_dir=None, tracking_uri=None, log=print) -> dict:
-    return ShardedRun(cfg, Path(run_dir) if run_dir else None, tracking_uri, log).run()

@@ -1,0 +1,21 @@
+"""One entry point for a training run: the CLI and Tune ask for a run and do not know which kind runs.
+
+A config with unlearning.shards >= 1 trains one adapter per shard and merges them (fedsim.unlearning);
+any other config is a plain federated Simulation. Both have `run_dir` and `run() -> summary`.
+"""
+from pathlib import Path
+
+from fedsim.config import Config
+from fedsim.simulation import Simulation, load_run_config
+
+
+def make_run(cfg: Config | None, run_dir: Path | str | None = None, tracking_uri: str | None = None, **kw):
+    """A Simulation or a ShardedRun for `cfg`, or for the saved config of `run_dir` when resuming (cfg None)."""
+    run_dir = Path(run_dir) if run_dir else None
+    resuming = run_dir is not None and (run_dir / "config.yaml").exists()
+    shards = (load_run_config(run_dir) if resuming else cfg).unlearning.shards if (resuming or cfg) else 0
+    if shards:
+        from fedsim.unlearning.sharded import ShardedRun
+
+        return ShardedRun(cfg, run_dir, tracking_uri=tracking_uri, **kw)
+    return Simulation(cfg, run_dir, tracking_uri=tracking_uri, **kw)
