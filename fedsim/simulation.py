@@ -20,6 +20,7 @@ from ray.util.placement_group import get_current_placement_group
 
 from fedsim.client.executor import ClientExecutor
 from fedsim.client.faults import claim, clear_claims
+from fedsim.core import local_ray
 from fedsim.core.placement import bundle_placement, executor_gpus  # noqa: F401 (tune, tests import them here)
 from fedsim.core.store import ClientStore
 from fedsim.config import (Config, ConfigError, apply_overrides, clients_per_round, config_from_dict, count_of, flatten,
@@ -54,8 +55,8 @@ def init_ray(log=print) -> None:
         log(f"joining the Ray cluster at {address}")
         ray.init(address=address, log_to_driver=True)
     else:
-        # "local": a fresh instance of our own, not whatever cluster happens to run on this machine.
-        ray.init(address="local", include_dashboard=False, log_to_driver=True, configure_logging=False)
+        # A fresh local instance of our own, recorded so that nothing of it outlives this run.
+        local_ray.start(log)
 
 
 def executor_resources(cfg: Config) -> tuple[int, float, float]:
@@ -295,6 +296,7 @@ class Simulation:
         # The aggregator is light bookkeeping; it takes no CPU slot so it never starves the clients.
         self.aggregator = ray.remote(Aggregator).options(num_cpus=0).remote(self.cfg, initial, key_name,
                                                                              str(self.run_dir.resolve()))
+        local_ray.record()  # the workers now running, if fedsim started the local instance
 
     def _stop_actors(self) -> None:
         for a in getattr(self, "executors", []) + [getattr(self, n, None) for n in ("aggregator", "split_server", "key_holder")]:
