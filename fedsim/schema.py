@@ -146,6 +146,10 @@ class ExecutorsConfig:
     num_gpus: Union[float, Literal["auto"]] = "auto"
     # Times Ray restarts a crashed executor actor.
     max_restarts: int = 3
+    # Where the executors go on a cluster of several nodes: "pack" (as few nodes as possible) or
+    # "spread" (across the nodes): the strategy, PACK or SPREAD, of the placement group that
+    # reserves one bundle per executor (in a `fedsim tune` trial, the trial's placement group).
+    placement: Literal["pack", "spread"] = "pack"
     # Train the clients an executor serves in a round together (fedsim.models.fused): one
     # forward/backward over all their batches, each row through its own client's LoRA.
     # Exactly what one-by-one training gives; not with privacy.sample_dp.

@@ -55,6 +55,12 @@ def trial_bundles(cfg, trial_cpus: float, cluster_gpus: float) -> list[dict]:
     return [{k: v for k, v in b.items() if v} for b in bundles]
 
 
+def trial_strategy(config: dict) -> str:
+    """The trial placement group's strategy, from its executors.placement (a sweep saved by an
+    older fedsim has none: pack)."""
+    return "SPREAD" if config["executors"].get("placement") == "spread" else "PACK"
+
+
 def check_fit(trials: list[dict], cluster: dict, nodes: list[dict]) -> None:
     """A trial that can never be placed would wait forever: fail before Tune starts."""
     largest = {r: max((n.get(r, 0) for n in nodes), default=0) for r in ("CPU", "GPU")}
@@ -77,11 +83,12 @@ def check_fit(trials: list[dict], cluster: dict, nodes: list[dict]) -> None:
 class _Bundles:
     """Tune asks for each trial's resources with its config; a class, so a restored sweep can pickle it."""
 
-    def __init__(self, bundles: list[list[dict]]):
-        self.bundles = bundles
+    def __init__(self, bundles: list[list[dict]], strategies: list[str]):
+        self.bundles, self.strategies = bundles, strategies
 
     def __call__(self, config: dict) -> tune.PlacementGroupFactory:
-        return tune.PlacementGroupFactory(self.bundles[config["trial"]])
+        # executors.placement: PACK (as few nodes as possible) or SPREAD (the trial's bundles across nodes)
+        return tune.PlacementGroupFactory(self.bundles[config["trial"]], strategy=self.strategies[config["trial"]])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,7 +250,7 @@ def run_sweep(sweep_path: str, overrides: list[str] | None = None, tracking_uri:
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, trials=trials, parent_run_id=parent.run_id, sweep_name=state["name"],
                              metric=state["metric"]),
-        resources=_Bundles([t["bundles"] for t in trials]))
+        resources=_Bundles([t["bundles"] for t in trials], [trial_strategy(t["config"]) for t in trials]))
     status = "FAILED"
     try:
         if resume and tune.Tuner.can_restore(str(sweep_dir)):
