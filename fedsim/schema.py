@@ -398,6 +398,10 @@ class StorageConfig:
     server_num_cpus: float = 1.0
     # "auto": the same GPU fraction as one executor (0 on a cluster without GPUs).
     server_num_gpus: Union[float, Literal["auto"]] = "auto"
+    # Put the split server on a node that has this Ray resource: a custom one its node was started
+    # with (`ray start --resources '{"split_host": 1}'`), or "node:__internal_head__" for the head.
+    # The server asks for 0.001 of it. None: wherever Ray has room.
+    server_node_resource: Optional[str] = None
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """`executors.placement: spread` on a Ray cluster of three nodes on this machine (a head and two
 workers with different logical resources, on ports of their own, token auth on): the executors of
-a `fedsim run` land on different nodes, as Ray's state API and the run's summary.json both say.
+a `fedsim run` land on different nodes, as Ray's state API and the run's summary.json both say, and
+its split server on the node `storage.server_node_resource` names; `pack` puts them on one node.
 
 The cluster lives in a process of its own (this file run as a script): Ray reads RAY_AUTH_MODE once
 per process, and the test session's own Ray instance has auth off."""
@@ -42,34 +43,46 @@ def on_a_cluster(out: Path, placement: str = "spread") -> None:
         started = time.monotonic() - t0
         env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": cluster.address}
         sets = [f"output_dir={out / 'runs'}", "tracking.enabled=false", "train.rounds=1", "executors.num=2",
-                "executors.num_cpus=0.5", f"executors.placement={placement}"]
+                "executors.num_cpus=0.5", f"executors.placement={placement}",
+                # PPLR split storage, its server on the node with the resource silo_b
+                "storage.mode=split", "model.tiny_layers=4", "storage.client_layers=1", "storage.server_num_cpus=0.5",
+                "storage.server_node_resource=silo_b"]
         done = subprocess.run([sys.executable, "-m", "fedsim.cli", "run", str(ROOT / "configs" / "tiny.yaml"),
                                "--summary-json", str(out / "summary.json"), *(a for s in sets for a in ("--set", s))],
                               cwd=out, env=env, capture_output=True, text=True, timeout=300)
         # Ray's own record of the (now ended) executor actors: the node each ran on.
         actors = list_actors(address=f"http://127.0.0.1:{dash}", filters=[("class_name", "=", "ClientExecutor")],
                              detail=True, raise_on_missing_output=False) if done.returncode == 0 else []
-        packed = packed_nodes(cluster.address)
+        packed, resource_error = packed_nodes(cluster.address)
     finally:
         cluster.shutdown()
     (out / "result.json").write_text(json.dumps({
         "returncode": done.returncode, "output": (done.stdout + done.stderr)[-4000:], "nodes": nodes,
         "actors": [{"pid": a.pid, "node_id": a.node_id} for a in actors],
-        "packed": packed, "cluster_seconds": started, "seconds": time.monotonic() - t0}))
+        "packed": packed, "resource_error": resource_error, "cluster_seconds": started, "seconds": time.monotonic() - t0}))
 
 
-def packed_nodes(address: str) -> list[str]:
+def packed_nodes(address: str) -> tuple[list[str], str]:
     """The nodes of fedsim's placement group for two 0.5-CPU executors with `pack` (no run: a
-    second one would double this test's time), from Ray's placement-group table."""
+    second one would double this test's time), from Ray's placement-group table; and the error
+    for a split server asked onto a node resource no node has."""
     import ray
 
-    from fedsim.config import load_config
+    from fedsim.config import ConfigError, load_config
     from fedsim.core.placement import executor_group
+    from fedsim.server.split_server import start_split_server
 
     ray.init(address=address, log_to_driver=False)
     try:
         group = executor_group(load_config(ROOT / "configs" / "tiny.yaml", ["executors.placement=pack"]), 2, 0.5, 0.0)
-        return list(ray.util.placement_group_table(group)["bundles_to_node_id"].values())
+        nodes = list(ray.util.placement_group_table(group)["bundles_to_node_id"].values())
+        try:
+            start_split_server(load_config(ROOT / "configs" / "tiny.yaml", [
+                "storage.mode=split", "storage.server_num_cpus=0.5", "storage.server_node_resource=silo_c"]), "unused", 2, 0.0)
+            error = None
+        except ConfigError as e:
+            error = str(e)
+        return nodes, error
     finally:
         ray.shutdown()
 
@@ -90,6 +103,9 @@ def test_spread_puts_the_executors_on_different_nodes(tmp_path):
     assert summary["placement"]["driver"]["node_id"] == nodes["head"]
     # pack: both bundles on one worker (Ray's default scheduling, no group, put them on both)
     assert len(result["packed"]) == 2 and len(set(result["packed"])) == 1 and result["packed"][0] != nodes["head"]
+    assert summary["placement"]["split_server"]["node_id"] == nodes["silo_b"]  # storage.server_node_resource
+    assert result["resource_error"] == ("storage.server_node_resource: no node of the Ray cluster has the resource "
+                                        "'silo_c' (it has head, node:__internal_head__, silo_a, silo_b)")
     assert sorted(c for e in placed for c in e["clients"]) == [0, 1, 2]
 
 

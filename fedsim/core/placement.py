@@ -6,9 +6,10 @@ import math
 import os
 
 import ray
-
 from ray.util.placement_group import get_current_placement_group, placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+SERVER_NODE_SHARE = 0.001  # of storage.server_node_resource: any node that has it can host the split server
 
 
 def executor_gpus(cfg, gpus: float) -> float:

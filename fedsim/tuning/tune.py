@@ -29,6 +29,7 @@ import ray
 from ray import tune
 
 from fedsim.config import ConfigError, config_from_dict, to_dict
+from fedsim.core.placement import SERVER_NODE_SHARE
 from fedsim.simulation import Simulation, executor_gpus, init_ray
 from fedsim.tracking import Tracker, resolve_uri, retry_locked
 from fedsim.tuning import report as sweep_report  # not fedsim.report, the single run's report
@@ -51,7 +52,9 @@ def trial_bundles(cfg, trial_cpus: float, cluster_gpus: float) -> list[dict]:
     bundles = [{"CPU": trial_cpus}] + [{"CPU": cfg.executors.num_cpus, "GPU": gpus} for _ in range(n)]
     if cfg.storage.mode == "split":
         s = cfg.storage
-        bundles.append({"CPU": s.server_num_cpus, "GPU": gpus if s.server_num_gpus == "auto" else s.server_num_gpus})
+        bundles.append({"CPU": s.server_num_cpus, "GPU": gpus if s.server_num_gpus == "auto" else s.server_num_gpus,
+                        # the resource that chooses its node (storage.server_node_resource)
+                        **({s.server_node_resource: SERVER_NODE_SHARE} if s.server_node_resource else {})})
     return [{k: v for k, v in b.items() if v} for b in bundles]
 
 
