@@ -121,5 +121,22 @@ def test_a_sweep_trial_group_takes_its_strategy_from_executors_placement():
     assert trial_strategy(configs[0]) == "PACK"
 
 
+def test_a_trial_whose_split_server_names_a_missing_node_resource_is_an_error_before_tune_starts():
+    import pytest
+
+    from fedsim.config import ConfigError, load_config
+    from fedsim.tuning.tune import check_fit, trial_bundles
+
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["storage.mode=split", "storage.server_num_cpus=0.5",
+                                                       "storage.server_node_resource=split_host"])
+    bundles = trial_bundles(cfg, 0.5, 0)
+    assert bundles[-1] == {"CPU": 0.5, "split_host": 0.001}  # the split server's bundle asks for the resource
+    trial = {"trial": 0, "params": {"seed": 0}, "bundles": bundles}
+    check_fit([trial], {"CPU": 8, "split_host": 1}, [{"CPU": 8, "split_host": 1}])
+    with pytest.raises(ConfigError, match="trial 0 .*storage.server_node_resource: no node of the Ray cluster has "
+                                          "the resource 'split_host'"):
+        check_fit([trial], {"CPU": 8}, [{"CPU": 8}])
+
+
 if __name__ == "__main__":
     on_a_cluster(Path(sys.argv[1]), *sys.argv[2:])

@@ -81,6 +81,10 @@ def check_fit(trials: list[dict], cluster: dict, nodes: list[dict]) -> None:
                     f"{need:g} {r} in all, {why}, but the cluster has {cluster.get(r, 0):g} {r} (largest node "
                     f"{largest[r]:g}); lower executors.num_cpus or trial_cpus, use a pool (executors.num), "
                     f"or add nodes")
+        missing = sorted({r for b in bundles for r in b if r not in ("CPU", "GPU") and r not in cluster})
+        if missing:  # storage.server_node_resource naming a resource no node has
+            raise ConfigError(f"trial {t['trial']} ({describe_point(t['params'])}): storage.server_node_resource: "
+                              f"no node of the Ray cluster has the resource {missing[0]!r}")
 
 
 class _Bundles:
