@@ -21,7 +21,8 @@ from ray.util.placement_group import get_current_placement_group
 from fedsim.client.executor import ClientExecutor
 from fedsim.client.faults import claim, clear_claims
 from fedsim.core import local_ray
-from fedsim.core.placement import bundle_placement, executor_gpus, executor_group, executor_placement, placement_of  # noqa: F401 (tune, tests import them here)
+from fedsim.core.placement import bundle_placement, executor_gpus  # noqa: F401 (tune, tests import them here)
+from fedsim.core.placement import executor_group, executor_placement, placement_of
 from fedsim.core.store import ClientStore
 from fedsim.config import (Config, ConfigError, apply_overrides, clients_per_round, config_from_dict, count_of, flatten,
                            read_yaml_mapping, save_config, to_dict)
@@ -287,7 +288,8 @@ class Simulation:
 
             self.key_holder, key_name = start_key_holder(self.cfg)
         self.group = executor_group(self.cfg, n, cpus, gpus, self.log)  # executors.placement: pack or spread
-        self._new_executor = lambda i: ray.remote(ClientExecutor).options(**options, **executor_placement(self.group, i)).remote(
+        self._new_executor = lambda i: ray.remote(ClientExecutor).options(
+            **options, **executor_placement(self.group, i)).remote(
             *args, i, max(1, int(cpus)), split_server=split_name, key_holder=key_name)
         self.executors = [self._new_executor(i) for i in range(n)]
         infos = ray.get([e.ready.remote() for e in self.executors])

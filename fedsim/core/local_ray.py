@@ -14,6 +14,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import time
 from pathlib import Path
 
 import psutil
@@ -32,20 +33,22 @@ def start(log=print, **init_kwargs) -> None:
     """End a killed run's leftovers, start a fresh local instance, record it, end it at exit."""
     global _record
     end_leftovers(log)
+    began = time.time() - 1.0  # (start times have a resolution of 1/100 s)
     # "local": a fresh instance of our own, not whatever cluster happens to run on this machine.
     ray.init(address="local", include_dashboard=False, log_to_driver=True, configure_logging=False, **init_kwargs)
     session_dir = ray._private.worker._global_node.get_session_dir_path()
     _record = records_dir() / f"{Path(session_dir).name}.json"
     me = psutil.Process()
-    _write(_record, {"session_dir": session_dir, "driver": _ident(me), "processes": [], "updates": 0})
+    _write(_record, {"session_dir": session_dir, "driver": _ident(me), "began": began, "processes": [], "updates": 0})
     record()
     # atexit runs last-registered first: this runs before Ray's own shutdown hook, and calls it.
     atexit.register(stop)
 
 
 def record() -> None:
-    """Add the instance's processes running now (the driver's descendants: GCS, raylet, agents,
-    workers) to the record; called after start and again once the actors are up."""
+    """Add the instance's processes running now to the record: the driver's descendants started
+    since `ray.init` began (GCS, raylet, agents, workers; not, say, a server a test started before).
+    Called after start and again once the actors are up."""
     if _record is None or not _record.exists():
         return
     data = json.loads(_record.read_text())
@@ -55,7 +58,7 @@ def record() -> None:
             ident = _ident(p)
         except psutil.Error:  # gone already
             continue
-        if (ident["pid"], ident["started"]) not in known:
+        if ident["started"] >= data["began"] and (ident["pid"], ident["started"]) not in known:
             data["processes"].append(ident)
     data["updates"] += 1
     _write(_record, data)
@@ -110,6 +113,12 @@ def _end(procs: list[dict], grace: float = 2.0) -> list[dict]:
         proc = _process(p)
         if proc is not None and proc.pid != os.getpid():
             live[proc] = p
+            # what a recorded process started since (a worker, an agent's helper) goes with it
+            for child in _children(proc):
+                try:
+                    live.setdefault(child, _ident(child))
+                except psutil.Error:  # gone already
+                    pass
     for sig in ("terminate", "kill"):
         for proc in live:
             try:
@@ -123,6 +132,13 @@ def _end(procs: list[dict], grace: float = 2.0) -> list[dict]:
         if not live:
             break
     return list(live.values())
+
+
+def _children(proc: psutil.Process) -> list[psutil.Process]:
+    try:
+        return proc.children(recursive=True)
+    except psutil.Error:
+        return []
 
 
 def _ident(p: psutil.Process) -> dict:
