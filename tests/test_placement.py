@@ -88,6 +88,8 @@ def packed_nodes(address: str) -> tuple[list[str], str]:
 
 
 def test_spread_puts_the_executors_on_different_nodes(tmp_path):
+    from fedsim.tuning.report import nodes as nodes_of
+
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "token", "OMP_NUM_THREADS": "1"}
     env.pop("RAY_ADDRESS", None)
     subprocess.run([sys.executable, __file__, str(tmp_path)], env=env, check=True, timeout=400)
@@ -106,6 +108,9 @@ def test_spread_puts_the_executors_on_different_nodes(tmp_path):
     assert summary["placement"]["split_server"]["node_id"] == nodes["silo_b"]  # storage.server_node_resource
     assert result["resource_error"] == ("storage.server_node_resource: no node of the Ray cluster has the resource "
                                         "'silo_c' (it has head, node:__internal_head__, silo_a, silo_b)")
+    # a sweep's results.csv says where each trial and its executors ran, from the same record
+    assert nodes_of(summary["placement"]) == {"trial_node": nodes["head"][:8], "executor_nodes": "+".join(
+        sorted(n[:8] for n in (nodes["silo_a"], nodes["silo_b"])))}
     assert sorted(c for e in placed for c in e["clients"]) == [0, 1, 2]
 
 

@@ -90,8 +90,9 @@ def start_split_server(cfg, model_path: str, num_executors: int, executor_gpus: 
     node = {}
     if s.server_node_resource:  # a node chosen by a resource it has
         if s.server_node_resource not in total:
+            # the nodes' own resources: not CPU/GPU/memory, one node:IP per node, or placement groups' shares
             have = sorted(r for r in total if r not in ("CPU", "GPU", "memory", "object_store_memory")
-                          and (not r.startswith("node:") or r == "node:__internal_head__"))
+                          and (not r.startswith("node:") or r == "node:__internal_head__") and "_group_" not in r)
             raise ConfigError(f"storage.server_node_resource: no node of the Ray cluster has the resource "
                               f"{s.server_node_resource!r} (it has {', '.join(have)})")
         node = {"resources": {s.server_node_resource: SERVER_NODE_SHARE}}
