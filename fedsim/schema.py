@@ -146,6 +146,10 @@ class ExecutorsConfig:
     num_gpus: Union[float, Literal["auto"]] = "auto"
     # Times Ray restarts a crashed executor actor.
     max_restarts: int = 3
+    # Where the executors go on a cluster of several nodes: "pack" (as few nodes as possible) or
+    # "spread" (across the nodes): the strategy, PACK or SPREAD, of the placement group that
+    # reserves one bundle per executor (in a `fedsim tune` trial, the trial's placement group).
+    placement: Literal["pack", "spread"] = "pack"
     # Train the clients an executor serves in a round together (fedsim.models.fused): one
     # forward/backward over all their batches, each row through its own client's LoRA.
     # Exactly what one-by-one training gives; not with privacy.sample_dp.
@@ -394,6 +398,10 @@ class StorageConfig:
     server_num_cpus: float = 1.0
     # "auto": the same GPU fraction as one executor (0 on a cluster without GPUs).
     server_num_gpus: Union[float, Literal["auto"]] = "auto"
+    # Put the split server on a node that has this Ray resource: a custom one its node was started
+    # with (`ray start --resources '{"split_host": 1}'`), or "node:__internal_head__" for the head.
+    # The server asks for 0.001 of it. None: wherever Ray has room.
+    server_node_resource: Optional[str] = None
 
 
 @dataclass

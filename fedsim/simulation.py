@@ -20,7 +20,9 @@ from ray.util.placement_group import get_current_placement_group
 
 from fedsim.client.executor import ClientExecutor
 from fedsim.client.faults import claim, clear_claims
+from fedsim.core import local_ray
 from fedsim.core.placement import bundle_placement, executor_gpus  # noqa: F401 (tune, tests import them here)
+from fedsim.core.placement import executor_group, executor_placement, placement_of
 from fedsim.core.store import ClientStore
 from fedsim.config import (Config, ConfigError, apply_overrides, clients_per_round, config_from_dict, count_of, flatten,
                            read_yaml_mapping, save_config, to_dict)
@@ -54,8 +56,8 @@ def init_ray(log=print) -> None:
         log(f"joining the Ray cluster at {address}")
         ray.init(address=address, log_to_driver=True)
     else:
-        # "local": a fresh instance of our own, not whatever cluster happens to run on this machine.
-        ray.init(address="local", include_dashboard=False, log_to_driver=True, configure_logging=False)
+        # A fresh local instance of our own, recorded so that nothing of it outlives this run.
+        local_ray.start(log)
 
 
 def executor_resources(cfg: Config) -> tuple[int, float, float]:
@@ -285,7 +287,9 @@ class Simulation:
             from fedsim.privacy.he import start_key_holder
 
             self.key_holder, key_name = start_key_holder(self.cfg)
-        self._new_executor = lambda i: ray.remote(ClientExecutor).options(**options, **bundle_placement(i + 1)).remote(
+        self.group = executor_group(self.cfg, n, cpus, gpus, self.log)  # executors.placement: pack or spread
+        self._new_executor = lambda i: ray.remote(ClientExecutor).options(
+            **options, **executor_placement(self.group, i)).remote(
             *args, i, max(1, int(cpus)), split_server=split_name, key_holder=key_name)
         self.executors = [self._new_executor(i) for i in range(n)]
         infos = ray.get([e.ready.remote() for e in self.executors])
@@ -295,11 +299,20 @@ class Simulation:
         # The aggregator is light bookkeeping; it takes no CPU slot so it never starves the clients.
         self.aggregator = ray.remote(Aggregator).options(num_cpus=0).remote(self.cfg, initial, key_name,
                                                                              str(self.run_dir.resolve()))
+        local_ray.record()  # the workers now running, if fedsim started the local instance
+        self.placement = placement_of(self.executors, {"aggregator": self.aggregator, "split_server": self.split_server},
+                                      self.cfg.clients.num)
+        nodes = sorted({e["node_id"] for e in self.placement["executors"]})
+        if len(nodes) > 1:
+            self.log(f"executors on {len(nodes)} nodes ({self.cfg.executors.placement}): " + ", ".join(
+                f"{e['executor']}->{e['node_ip']}/{e['node_id'][:8]}" for e in self.placement["executors"]))
 
     def _stop_actors(self) -> None:
         for a in getattr(self, "executors", []) + [getattr(self, n, None) for n in ("aggregator", "split_server", "key_holder")]:
             if a is not None:
                 ray.kill(a)
+        if getattr(self, "group", None) is not None:
+            ray.util.remove_placement_group(self.group)
 
     def _await_executors(self, timeout: float = 600.0) -> None:
         """Wait for restarting executors (calls to one fail at once), replace ones out of restarts."""
@@ -566,6 +579,7 @@ class Simulation:
             "dropped": dropped, "wall_seconds": wall, "lora_params": self.lora_params,
             "split": getattr(self, "split_params", {}),  # storage.mode split: memory on the client vs the server
             "mlflow_run_id": self.tracker.run_id,
+            "placement": getattr(self, "placement", {}),  # the node of the driver and of each actor
         }
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
         if done:

@@ -144,9 +144,13 @@ def test_sweep_under_tune_nested_mlflow_runs_and_resume(ray_local, tmp_path):
     second = run_sweep(str(path), tracking_uri=uri, resume=True, log=lambda *a: None)
     assert not second["interrupted"] and second["sweep_dir"] == first["sweep_dir"]
     assert second["parent_run_id"] == first["parent_run_id"]
-    rows = pd.read_csv(f"{second['sweep_dir']}/results.csv")
+    # (a node id of 8 hex digits may read as a number: "12345678", "1e123456")
+    rows = pd.read_csv(f"{second['sweep_dir']}/results.csv", dtype={"trial_node": str, "executor_nodes": str})
     assert len(rows) == 4 and set(rows["status"]) == {"FINISHED"} and (rows["rounds"] == 2).all()
     assert rows["auc"].between(0, 1).all() and (rows["bytes_up"] > 0).all() and (rows["wall_seconds"] > 0).all()
+    # one node: every trial and its executors on it (tests/test_placement.py: several nodes)
+    node = ray_local.get_runtime_context().get_node_id()[:8]
+    assert (rows["trial_node"] == node).all() and (rows["executor_nodes"] == node).all()
     dp = rows["privacy.client_dp.epsilon"] == 4
     assert (rows.loc[~dp, "epsilon"] == math.inf).all() and rows.loc[dp, "epsilon"].between(0.5, 4.0 + 1e-6).all()
 

@@ -16,7 +16,7 @@ import ray
 import torch
 from torch.func import functional_call
 
-from fedsim.core.placement import bundle_placement
+from fedsim.core.placement import SERVER_NODE_SHARE, bundle_placement
 from fedsim.models.loader import load_base, quiet_transformers
 from fedsim.models.lora import attach_lora
 from fedsim.models.split import Middle, decoder_of, layer_lora, layer_ranges, param_count
@@ -87,8 +87,17 @@ def start_split_server(cfg, model_path: str, num_executors: int, executor_gpus: 
         raise ConfigError(f"storage.server_num_cpus={s.server_num_cpus:g} does not fit: the executors take "
                          f"{num_executors * cfg.executors.num_cpus:g} of the cluster's {total.get('CPU', 0):g} CPUs")
     gpus = executor_gpus if s.server_num_gpus == "auto" else float(s.server_num_gpus)
+    node = {}
+    if s.server_node_resource:  # a node chosen by a resource it has
+        if s.server_node_resource not in total:
+            # the nodes' own resources: not CPU/GPU/memory, one node:IP per node, or placement groups' shares
+            have = sorted(r for r in total if r not in ("CPU", "GPU", "memory", "object_store_memory")
+                          and (not r.startswith("node:") or r == "node:__internal_head__") and "_group_" not in r)
+            raise ConfigError(f"storage.server_node_resource: no node of the Ray cluster has the resource "
+                              f"{s.server_node_resource!r} (it has {', '.join(have)})")
+        node = {"resources": {s.server_node_resource: SERVER_NODE_SHARE}}
     name = f"fedsim-split-server-{uuid.uuid4().hex[:12]}"
-    actor = ray.remote(SplitServer).options(name=name, num_cpus=s.server_num_cpus, num_gpus=gpus,
+    actor = ray.remote(SplitServer).options(name=name, num_cpus=s.server_num_cpus, num_gpus=gpus, **node,
                                             max_restarts=cfg.executors.max_restarts, max_task_retries=0,
                                             **bundle_placement(num_executors + 1))  # in a `fedsim tune` trial: after the executors'
     return actor.remote(to_dict(cfg), model_path, max(1, int(s.server_num_cpus))), name, gpus

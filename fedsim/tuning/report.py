@@ -37,6 +37,15 @@ def epsilon_spent(history: list[dict], cfg: dict) -> float:
 SHARDED = ("sisa/auc", "apa_weights/auc", "apa_outputs/auc", "shard_auc_mean")
 
 
+def nodes(placement: dict) -> dict:
+    """Where a trial ran (its run's summary.json `placement`): its driver's node and its executors'
+    (node ids, first 8 hex digits; several joined by +)."""
+    if not placement:
+        return {}
+    return {"trial_node": placement["driver"]["node_id"][:8],
+            "executor_nodes": "+".join(sorted({e["node_id"][:8] for e in placement["executors"]}))}
+
+
 def trial_row(spec: dict, result, interrupted: bool) -> dict:
     """What one trial did, from its fedsim checkpoint (present once a round finished)."""
     cfg, run_dir = spec["config"], Path(spec["run_dir"])
@@ -44,7 +53,8 @@ def trial_row(spec: dict, result, interrupted: bool) -> dict:
            # Every metric a sweep may rank on (sweep.METRICS), so `finish` finds the sweep's metric.
            "seed": cfg["train"]["seed"], **dict.fromkeys(METRICS, NAN), **dict.fromkeys(CI, NAN),
            "epsilon": epsilon_spent([], cfg), "bytes_up": 0.0, "bytes_down": 0.0, "wall_seconds": NAN,
-           "rounds": 0, "status": "", "run_dir": str(run_dir), "mlflow_run_id": None}
+           "rounds": 0, "status": "", "run_dir": str(run_dir), "mlflow_run_id": None,
+           "trial_node": "", "executor_nodes": ""}
     ckpt = load_checkpoint(run_dir) if run_dir.exists() else None
     if ckpt:
         history = ckpt["history"]
@@ -58,6 +68,7 @@ def trial_row(spec: dict, result, interrupted: bool) -> dict:
         summary = json.loads(path.read_text()) if path.exists() else {}
         if summary.get("complete"):
             row["wall_seconds"] = summary["wall_seconds"]  # includes the final export
+        row.update(nodes(summary.get("placement", {})))
     elif (run_dir / "summary.json").exists():  # a sharded run (unlearning.shards): no checkpoint of its own
         summary = json.loads((run_dir / "summary.json").read_text())
         if summary.get("complete") and "unlearning" in summary:

@@ -29,6 +29,7 @@ import ray
 from ray import tune
 
 from fedsim.config import ConfigError, config_from_dict, to_dict
+from fedsim.core.placement import SERVER_NODE_SHARE
 from fedsim.runs import make_run
 from fedsim.simulation import executor_gpus, init_ray
 from fedsim.tracking import Tracker, resolve_uri, retry_locked
@@ -51,8 +52,16 @@ def trial_bundles(cfg, trial_cpus: float, cluster_gpus: float) -> list[dict]:
     bundles = [{"CPU": trial_cpus}] + [{"CPU": cfg.executors.num_cpus, "GPU": gpus} for _ in range(n)]
     if cfg.storage.mode == "split":
         s = cfg.storage
-        bundles.append({"CPU": s.server_num_cpus, "GPU": gpus if s.server_num_gpus == "auto" else s.server_num_gpus})
+        bundles.append({"CPU": s.server_num_cpus, "GPU": gpus if s.server_num_gpus == "auto" else s.server_num_gpus,
+                        # the resource that chooses its node (storage.server_node_resource)
+                        **({s.server_node_resource: SERVER_NODE_SHARE} if s.server_node_resource else {})})
     return [{k: v for k, v in b.items() if v} for b in bundles]
+
+
+def trial_strategy(config: dict) -> str:
+    """The trial placement group's strategy, from its executors.placement (a sweep saved by an
+    older fedsim has none: pack)."""
+    return "SPREAD" if config["executors"].get("placement") == "spread" else "PACK"
 
 
 def check_fit(trials: list[dict], cluster: dict, nodes: list[dict]) -> None:
@@ -72,16 +81,21 @@ def check_fit(trials: list[dict], cluster: dict, nodes: list[dict]) -> None:
                     f"{need:g} {r} in all, {why}, but the cluster has {cluster.get(r, 0):g} {r} (largest node "
                     f"{largest[r]:g}); lower executors.num_cpus or trial_cpus, use a pool (executors.num), "
                     f"or add nodes")
+        missing = sorted({r for b in bundles for r in b if r not in ("CPU", "GPU") and r not in cluster})
+        if missing:  # storage.server_node_resource naming a resource no node has
+            raise ConfigError(f"trial {t['trial']} ({describe_point(t['params'])}): storage.server_node_resource: "
+                              f"no node of the Ray cluster has the resource {missing[0]!r}")
 
 
 class _Bundles:
     """Tune asks for each trial's resources with its config; a class, so a restored sweep can pickle it."""
 
-    def __init__(self, bundles: list[list[dict]]):
-        self.bundles = bundles
+    def __init__(self, bundles: list[list[dict]], strategies: list[str]):
+        self.bundles, self.strategies = bundles, strategies
 
     def __call__(self, config: dict) -> tune.PlacementGroupFactory:
-        return tune.PlacementGroupFactory(self.bundles[config["trial"]])
+        # executors.placement: PACK (as few nodes as possible) or SPREAD (the trial's bundles across nodes)
+        return tune.PlacementGroupFactory(self.bundles[config["trial"]], strategy=self.strategies[config["trial"]])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,7 +254,7 @@ def run_sweep(sweep_path: str, overrides: list[str] | None = None, tracking_uri:
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, trials=trials, parent_run_id=parent.run_id, sweep_name=state["name"],
                              metric=state["metric"]),
-        resources=_Bundles([t["bundles"] for t in trials]))
+        resources=_Bundles([t["bundles"] for t in trials], [trial_strategy(t["config"]) for t in trials]))
     status = "FAILED"
     try:
         if resume and tune.Tuner.can_restore(str(sweep_dir)):
