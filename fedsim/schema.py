@@ -59,8 +59,10 @@ class DataConfig:
     keep_last: Optional[int] = None  # keep only the most recent samples (tallrec: 10,000 when null)
     # How an item is written in the prompt: title_year = "Toy Story (1995)" (TALLRec), title = bare.
     item_text: Literal["title_year", "title"] = "title_year"
-    # The prompt template: {liked}, {disliked}, {target}; null = TALLRec's wording
-    # (fedsim.data.prompt). It must end where the answer starts ("Answer:").
+    # The prompt template: {liked}, {disliked}, {target}, {target_rate} (the target's like-rate
+    # over the train split); null = TALLRec's wording. Or a name: tallrec, tallrec_rate (TALLRec's
+    # wording plus the target's like-rate), plain (fedsim.data.prompt). A template must end where
+    # the answer starts ("Answer:").
     # An unknown placeholder or a missing {target} is an error.
     prompt: Optional[str] = None
     # Most recent earlier ratings of the user shown in each prompt.

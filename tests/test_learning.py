@@ -38,6 +38,11 @@ def test_schedule_and_prompt_config_errors_name_the_key():
         load_config("configs/tiny.yaml", ["data.prompt='Liked: {liked} Answer:'"])
     with pytest.raises(ConfigError, match=r"data.prompt: unknown placeholder\(s\) \['tagret'\]"):
         load_config("configs/tiny.yaml", ["data.prompt='{liked} {tagret} Answer:'"])
+    with pytest.raises(ConfigError, match=r"or be one of the named templates \['plain', 'tallrec', 'tallrec_rate'\]"):
+        load_config("configs/tiny.yaml", ["data.prompt=tallrec_rat"])
+    from fedsim.data.prompt import TALLREC_RATE_TEMPLATE, prompt_template
+
+    assert prompt_template(load_config("configs/tiny.yaml", ["data.prompt=tallrec_rate"])) == TALLREC_RATE_TEMPLATE
     with pytest.raises(ConfigError, match="data.protocol: 'talrec' is not one of"):
         load_config("configs/tiny.yaml", ["data.protocol=talrec"])
 

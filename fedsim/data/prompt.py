@@ -31,26 +31,32 @@ TALLREC_RATE_TEMPLATE = TALLREC_TEMPLATE.replace(
     '"{target}"?\n', '"{target}" (liked by {target_rate} of its viewers)?\n')
 
 DEFAULT_TEMPLATE = TALLREC_TEMPLATE
+# data.prompt may name one of these instead of spelling a template out.
+NAMED = {"tallrec": TALLREC_TEMPLATE, "tallrec_rate": TALLREC_RATE_TEMPLATE, "plain": PLAIN_TEMPLATE}
 FIELDS = ("liked", "disliked", "target", "target_rate")
 # Words a word-level tokenizer (the tiny test model) must know besides the template and the titles.
 EXTRA_WORDS = 'Yes No none "'
 
 
 def prompt_template(cfg) -> str:
-    """The run's template: data.prompt, or the default."""
-    return cfg.data.prompt if cfg.data.prompt is not None else DEFAULT_TEMPLATE
+    """The run's template: data.prompt (a template or a name in NAMED), or the default."""
+    prompt = cfg.data.prompt
+    return DEFAULT_TEMPLATE if prompt is None else NAMED.get(prompt, prompt)
 
 
 def check_template(template: str) -> None:
     """A template must name {target}; any other placeholder is a typo. Raises ValueError."""
     import string
 
+    if template in NAMED:
+        return
     names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
     unknown = names - set(FIELDS)
     if unknown:
         raise ValueError(f"data.prompt: unknown placeholder(s) {sorted(unknown)}; use {{liked}}, {{disliked}}, {{target}}, {{target_rate}}")
     if "target" not in names:
-        raise ValueError("data.prompt: the template must contain {target} (the item to score)")
+        raise ValueError("data.prompt: the template must contain {target} (the item to score), "
+                         f"or be one of the named templates {sorted(NAMED)}")
 
 
 def _titles(titles) -> str:
