@@ -101,6 +101,7 @@ class ClientExecutor:
         return df[df["split"] == split].reset_index(drop=True)
 
     def _batch(self, rows: pd.DataFrame) -> dict:
+        self.adapter.route(rows)  # the rows' batch is the next forward
         prompts = [render_prompt(a, b, t, self.template) for a, b, t in zip(rows["liked"], rows["disliked"], rows["title"])]
         return encode(self.tokenizer, prompts, self.cfg.model.max_length, self.device)
 
