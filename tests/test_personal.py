@@ -2,6 +2,7 @@
 the router gives each user their own mix, what is uploaded is the bank (and the router only when
 shared), the config refuses what the bank cannot run with, and a federated bank learns."""
 import copy
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -183,3 +184,27 @@ def test_a_federated_bank_learns(tiny_cfg, tmp_path):
     print(f"RecLoRA bank of 4: test AUC {score:.3f}, train loss by round {np.round(losses, 3)}")
     assert score >= 0.8
     assert losses[-1] < losses[0] - 0.1
+
+
+def test_through_ray_the_upload_is_the_bank_and_router_and_dp_applies_to_it(ray_local, tiny_cfg):
+    """A real run (executor actors, the aggregator, the postprocessor chain) with a shared router
+    under client-level DP: every round each client uploads the bank and the router, float32, the
+    server clips and noises them, and the export holds the bank."""
+    from safetensors.torch import load_file
+
+    from fedsim.simulation import load_checkpoint, run
+
+    summary = run(tiny_cfg(*BANK, "model.personal.share_router=true", "privacy.client_dp.enabled=true",
+                           "privacy.client_dp.noise_multiplier=0.1", "privacy.client_dp.delta=0.1",
+                           "privacy.client_dp.clip=1.0"), log=lambda *a: None)
+    run_dir = Path(summary["run_dir"])
+    history = load_checkpoint(run_dir)["history"]
+    exported = load_file(f"{run_dir}/adapter/adapter_model.safetensors")
+    bank = sum(t.numel() for k, t in exported.items() if ".bank_" in k)
+    router = sum(t.numel() for k, t in exported.items() if k.startswith("router."))
+    assert bank > 0 and router > 0
+    for h in history:
+        assert h["lora/upload_params"] == bank + router
+        assert h["bytes_up"] == 3 * (bank + router) * 4
+    assert history[-1]["dp/epsilon"] > 0
+    assert {k for k in exported if k.endswith(".bank_A")} and summary["complete"]
