@@ -207,4 +207,6 @@ def test_through_ray_the_upload_is_the_bank_and_router_and_dp_applies_to_it(ray_
         assert h["lora/upload_params"] == bank + router
         assert h["bytes_up"] == 3 * (bank + router) * 4
     assert history[-1]["dp/epsilon"] > 0
+    # Each client's routing entropy per round (an MLflow plot per client), below uniform's log 4.
+    assert all(0 < h[f"client/{c}/personal/alpha_entropy"] < np.log(4) for h in history for c in range(3))
     assert {k for k in exported if k.endswith(".bank_A")} and summary["complete"]
