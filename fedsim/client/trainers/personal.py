@@ -73,10 +73,11 @@ class Personal(Adapter):
         return self.router(h)
 
     def route(self, rows: pd.DataFrame) -> None:
-        a = self.alpha(rows)
-        a_ = a.detach()
-        self.entropy.append(float(-(a_ * a_.clamp_min(1e-12).log()).sum(1).mean()))
-        self.bank.set(a)
+        alpha = self.alpha(rows)
+        if self.model.training:  # the local run's routing entropy (`metrics`)
+            a = alpha.detach()
+            self.entropy.append(float(-(a * a.clamp_min(1e-12).log()).sum(1).mean()))
+        self.bank.set(alpha)
 
     # -- the Adapter interface ---------------------------------------------------------------------
 
