@@ -115,15 +115,39 @@ def _logistic_mf(train: pd.DataFrame, evaluate: pd.DataFrame, seed: int) -> np.n
 
 def _score_mf(train: pd.DataFrame, evaluate: pd.DataFrame, seed: int) -> np.ndarray:
     m = _fit_mf(train, seed)
-    ue, ie = _index(evaluate["user"], m["users"]), _index(evaluate["item"], m["items"])
-    seen_user, seen_item = ue >= 0, (ie >= 0).float()
-    ue, ie = ue.clamp(min=0), ie.clamp(min=0)
-    pu, bu = _fold_in(evaluate, m)
-    # Users seen in train keep their trained factors; the others use the fold-in estimate.
-    p = torch.where(seen_user[:, None], m["p"][ue], pu)
-    b_u = torch.where(seen_user, m["bu"][ue], bu)
+    ie = _index(evaluate["item"], m["items"])
+    seen_item, ie = (ie >= 0).float(), ie.clamp(min=0)
+    p, b_u = user_factors(m, evaluate)
     logit = m["b"] + b_u + seen_item * (m["bi"][ie] + (p * m["q"][ie]).sum(-1))
     return torch.sigmoid(logit).double().numpy()
+
+
+def user_factors(m: dict, evaluate: pd.DataFrame) -> tuple[torch.Tensor, torch.Tensor]:
+    """(user vector [rows, MF_DIM], user bias [rows]) of each row under the fitted MF `m`: users
+    seen in training keep their trained factors, the others the fold-in estimate from the row's
+    own history (fitted with the item factors frozen)."""
+    ue = _index(evaluate["user"], m["users"])
+    seen_user, ue = ue >= 0, ue.clamp(min=0)
+    if bool(seen_user.all()):  # no fold-in needed (e.g. a client's own train rows)
+        return m["p"][ue], m["bu"][ue]
+    with torch.enable_grad():  # callers may score under no_grad; the fold-in is a small fit
+        pu, bu = _fold_in(evaluate, m)
+    return torch.where(seen_user[:, None], m["p"][ue], pu), torch.where(seen_user, m["bu"][ue], bu)
+
+
+def fit_mf(train: pd.DataFrame, seed: int) -> dict:
+    """The logistic MF of the baselines fitted on `train` (one thread: see `_single_thread`), frozen.
+    Callers may be inside no_grad (a client evaluated before it trains): the fit turns grad on."""
+    with _single_thread(), torch.enable_grad():
+        return _fit_mf(train, seed)
+
+
+def mf_user_vectors(m: dict, rows: pd.DataFrame) -> torch.Tensor:
+    """[rows, MF_DIM + 1]: each row's user representation under the frozen MF `m`, its user vector
+    and bias (RecLoRA's h_u when model.personal.crm is mf)."""
+    with _single_thread():
+        p, b = user_factors(m, rows)
+    return torch.cat([p, b[:, None]], 1).float()
 
 
 def _logit(p: np.ndarray) -> np.ndarray:

@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from fedsim.client.compiled import Compiled
-from fedsim.client.trainers import ADAPTERS, STORAGE, TRAINERS
+from fedsim.client.trainers import ADAPTERS, STORAGE, TRAINERS, Personal
+from fedsim.client.trainers.personal import SharedRouter
 from fedsim.core.capabilities import conflicts
 from fedsim.privacy.client_dp import ClientDP
 from fedsim.privacy.dp_lora import DPLoRA
@@ -33,6 +34,10 @@ def components(cfg: Config) -> list[tuple[str, object, type]]:
     """(config key, value, class) of every component the config enables."""
     out = [("strategy.lora_mode", cfg.strategy.lora_mode, ADAPTERS[cfg.strategy.lora_mode]),
            ("strategy.name", cfg.strategy.name, STRATEGIES[cfg.strategy.name])]
+    if cfg.model.personal.bank:
+        out.append(("model.personal.bank", cfg.model.personal.bank, Personal))
+        if cfg.model.personal.share_router:
+            out.append(("model.personal.share_router", True, SharedRouter))
     if cfg.storage.mode in STORAGE:
         out.append(("storage.mode", cfg.storage.mode, STORAGE[cfg.storage.mode]))
     if cfg.executors.fused:

@@ -110,6 +110,28 @@ class LoraConfig:
 
 
 @dataclass
+class PersonalConfig:
+    """RecLoRA personalisation (fedsim.models.bank, fedsim.client.trainers.personal): a bank of
+    `bank` meta-LoRAs per target module, mixed per user by a router alpha = softmax(MLP(h_u) / T),
+    h_u the user's vector from a frozen conventional recommender fitted on the client's own train
+    rows before the LLM stage. The bank is uploaded and averaged; the router stays on the client
+    unless share_router."""
+    # Meta-LoRAs per target module (N_m); 0 = off (one plain LoRA).
+    bank: int = 0
+    # Router temperature T: alpha = softmax(MLP(h_u) / T); small T sharpens the mix.
+    temperature: float = 1.0
+    # Hidden units of the router MLP (0: a linear router).
+    router_hidden: int = 32
+    # weights: A_u = sum a_k A_k, B_u = sum a_k B_k, dy = B_u A_u x (RecLoRA's code); outputs: dy = sum a_k B_k A_k x.
+    merge: Literal["weights", "outputs"] = "weights"
+    # The user representation h_u: mf = logistic matrix factorisation (fedsim.baselines) on the
+    # client's own train rows, [user factor, user bias]; users it never saw are folded in from the row's history.
+    crm: Literal["mf"] = "mf"
+    # false: each client's router is private (kept in its store entry); true: uploaded and averaged with the bank.
+    share_router: bool = False
+
+
+@dataclass
 class ModelConfig:
     # `smollm2-135m` (embedded real default), `tiny-random`, or any HF causal LM name / local path.
     # `smollm2-135m-shape`: random weights of SmolLM2-135M's size and a word tokenizer (GPU benchmarks); `tiny-random` is a 2-layer Llama with a word tokenizer (tests).
@@ -123,6 +145,7 @@ class ModelConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     # Decoder layers of the `tiny-random` model (storage.mode split needs at least 3).
     tiny_layers: int = 2
+    personal: PersonalConfig = field(default_factory=PersonalConfig)
 
 
 @dataclass
@@ -628,7 +651,19 @@ def validate(cfg: Config) -> Config:
     _validate_privacy(cfg)
     _validate_storage(cfg)
     _validate_unlearning(cfg)
+    _validate_personal(cfg)
     return cfg
+
+
+def _validate_personal(cfg: Config) -> None:
+    """The bank's own values; what it cannot run with is declared by the component
+    (fedsim.client.trainers.personal) and checked by fedsim.config."""
+    p = cfg.model.personal
+    _check(p.bank >= 0, "model.personal.bank", p.bank, "must be >= 0 (0 = off)")
+    if not p.bank:
+        return
+    _check(p.temperature > 0, "model.personal.temperature", p.temperature, "must be > 0")
+    _check(p.router_hidden >= 0, "model.personal.router_hidden", p.router_hidden, "must be >= 0 (0 = a linear router)")
 
 
 def _validate_unlearning(cfg: Config) -> None:
@@ -651,6 +686,8 @@ def _validate_unlearning(cfg: Config) -> None:
            "keeps LoRA on the split server: unlearning.shards needs storage.mode full")
     _check(cfg.strategy.name == "fedavg", "strategy.name", cfg.strategy.name,
            "keeps per-client adapters: unlearning.shards needs fedavg (one adapter per shard)")
+    _check(cfg.model.personal.bank == 0, "model.personal.bank", cfg.model.personal.bank,
+           "replaces the peft adapter the shard merge stacks: unlearning.shards needs model.personal.bank 0")
 
 
 def _validate_storage(cfg: Config) -> None:

@@ -153,8 +153,10 @@ def test_every_declared_conflict_is_between_real_tags():
     from fedsim.client.trainers import STORAGE
     from fedsim.server.strategy import STRATEGIES
 
+    from fedsim.client.trainers.personal import Personal, SharedRouter
+
     classes = [*ADAPTERS.classes.values(), *STORAGE.classes.values(), *TRAINERS.classes.values(),
-               *STRATEGIES.classes.values(), Compiled, *(cls for _, cls in PRIVACY)]
+               *STRATEGIES.classes.values(), Compiled, *(cls for _, cls in PRIVACY), Personal, SharedRouter]
     needed = {t for c in classes for t in c.needs}
     broken = {t for c in classes for t in c.breaks}
     assert needed == broken

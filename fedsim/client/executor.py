@@ -101,6 +101,7 @@ class ClientExecutor:
         return df[df["split"] == split].reset_index(drop=True)
 
     def _batch(self, rows: pd.DataFrame) -> dict:
+        self.adapter.route(rows)  # the rows' batch is the next forward
         return encode(self.tokenizer, render_prompts(rows, self.template), self.cfg.model.max_length, self.device)
 
     def begin_local(self, client: int, round: int, params, lr: float) -> LocalRun:

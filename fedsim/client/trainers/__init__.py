@@ -10,6 +10,7 @@ from fedsim.client.trainers.base import Adapter, LocalRun, Trainer, batch_stream
 from fedsim.client.trainers.fedsa import FedSA
 from fedsim.client.trainers.ffa import FFA
 from fedsim.client.trainers.fused import Fused
+from fedsim.client.trainers.personal import Personal
 from fedsim.client.trainers.plain import Plain
 from fedsim.client.trainers.sample_dp import SampleDPTrainer
 from fedsim.client.trainers.separate import Separate
@@ -23,7 +24,8 @@ TRAINERS = Registry("trainer", [Plain, SampleDPTrainer, Fused])
 
 
 def adapter_class(cfg) -> type[Adapter]:
-    return STORAGE.get(cfg.storage.mode) or ADAPTERS[cfg.strategy.lora_mode]
+    # RecLoRA's bank owns the layout too; its factors take the LoRA mode's roles.
+    return STORAGE.get(cfg.storage.mode) or (Personal if cfg.model.personal.bank else ADAPTERS[cfg.strategy.lora_mode])
 
 
 def trainer_class(cfg) -> type[Trainer]:

@@ -90,6 +90,9 @@ class Adapter(Capable):
         if self.local:
             saved["local"] = get_flat(self.local)
 
+    def route(self, rows: pd.DataFrame) -> None:
+        """Before the rows' batch runs through `forward` (RecLoRA: each row's mix of the bank, from its user)."""
+
     def forward(self, batch: dict) -> torch.Tensor:
         """(B, 2) Yes/No logits of a batch."""
         return yes_no_logits(self.model, batch, self.host.yes_id, self.host.no_id)

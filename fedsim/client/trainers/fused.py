@@ -17,7 +17,8 @@ from fedsim.models.scoring import preference_loss
 class Fused(Trainer):
     name = "fused"
     needs = {"whole_model_here": ("cannot be combined with {key} {value!r} (the fused layers hold every client's adapter in "
-                                  "the client's model, the split server runs one client per request)")}
+                                  "the client's model, the split server runs one client per request)"),
+             "peft_lora_layers": "cannot be combined with {key} {value!r} (it stacks the model's peft LoRA layers)"}
     # Record-level DP-SGD clips per-sample gradients per client (Opacus hooks on peft's layers);
     # the fused layers hold every client's adapter in one tensor, which those hooks cannot split.
     breaks = {"per_sample_grads": ("cannot be combined with privacy.sample_dp (per-sample clipping runs per client, "

@@ -15,7 +15,8 @@ class Stack(Adapter):
     name = "stack"
     roles = {"A": "shared", "B": "shared"}
     restores_optimizer = False  # a fresh LoRA each round, so a fresh optimizer
-    needs = {"each_factor": "cannot be combined with {key} (stacking needs each client's own factors)"}
+    needs = {"each_factor": "cannot be combined with {key} (stacking needs each client's own factors)",
+             "peft_lora_layers": "cannot be combined with {key} {value!r} (it merges the model's peft LoRA layers)"}
     breaks = {"whole_adapter": "needs strategy.name 'fedavg', not {value!r} (PPLR mixes whole per-client adapters)",
               "layer_roles": "cannot be combined with storage.mode 'split' (use 'separate' or 'ffa')",
               # A noisy mean of clipped factor deltas bounds nothing once the server multiplies the factors.

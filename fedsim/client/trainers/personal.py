@@ -1,0 +1,118 @@
+"""`model.personal.bank: N_m` (RecLoRA): a bank of N_m meta-LoRAs per target module, mixed per user
+(`fedsim.models.bank`). Each row's mix alpha = softmax(MLP(h_u) / T) comes from its user's vector
+h_u under a conventional recommender (CRM) that is frozen while the LLM part trains:
+
+- the CRM (`model.personal.crm: mf`) is the logistic MF of `fedsim.baselines`, fitted on the
+  client's own train rows the first time the client is seen ("Few2Many": ID data first), and never
+  trained again. It is the client's own: no ID data leaves the client, and no other client's rows
+  shape it. A seeded fit of the same rows gives the same model, so any executor serving the client
+  rebuilds it instead of storing it. A user the CRM never saw (a new user of the valid / test
+  split) is folded in from the row's own history with the item factors frozen.
+- the bank's A and B blocks take the roles of `strategy.lora_mode` (separate: both shared; ffa:
+  A frozen; fedsa: B local): what is shared is uploaded and averaged through the normal
+  postprocessor chain (clipping, DP noise, secure aggregation see the bank).
+- the router is local (in the client's store entry, like fedsa's B) unless
+  `model.personal.share_router`, then it is uploaded and averaged with the bank.
+
+Every row of a batch is one client's (the executor hands one client's rows at a time), so the
+executor's `route(rows)` call before each forward sets the bank's per-row weights.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from fedsim.baselines import MF_DIM, fit_mf, mf_user_vectors
+from fedsim.client.trainers.base import Adapter
+from fedsim.core.capabilities import Capable
+from fedsim.models.bank import Bank, Router
+from fedsim.models.layout import lora_sites
+from fedsim.models.lora import MODE_ROLES, set_flat
+
+LATEST = 2**62  # `before_round` that finds a client's newest saved state
+CRM_CACHE = 64  # clients whose fitted CRM an executor keeps in memory (a refit costs ~0.1 s)
+
+
+class Personal(Adapter):
+    name = "personal"
+    needs = {"whole_model_here": ("cannot be combined with {key} {value!r} (the bank and the router run in the "
+                                  "client's whole model)")}
+    breaks = {"per_sample_grads": ("cannot be combined with privacy.sample_dp (Opacus' per-sample hooks know peft's "
+                                   "LoRA layers, not the bank's stacked ones); privacy.client_dp and privacy.dp_lora work"),
+              "peft_lora_layers": ("cannot be combined with {key} {value!r} (the bank replaces the model's peft LoRA "
+                                   "layers, which it stacks or merges)")}
+
+    def build_layout(self):
+        cfg = self.host.cfg
+        p = cfg.model.personal
+        self.bank = Bank(self.model, lora_sites(self.model), p.bank, p.merge, cfg.train.seed)
+        device = self.bank.route.device
+        self.router = Router(MF_DIM + 1, p.bank, p.router_hidden, p.temperature, cfg.train.seed).to(device)
+        self.crms: dict[int, dict] = {}
+        self.entropy: list[float] = []
+        return self.bank.layout(MODE_ROLES[cfg.strategy.lora_mode], self.router,
+                                "shared" if p.share_router else "local")
+
+    # -- routing -----------------------------------------------------------------------------------
+
+    def crm(self, client: int) -> dict:
+        """The client's frozen MF, fitted on its own train rows on first use."""
+        if client not in self.crms:
+            if len(self.crms) >= CRM_CACHE:
+                self.crms.pop(next(iter(self.crms)))
+            self.crms[client] = fit_mf(self.host._rows(client, "train"), self.host.cfg.train.seed)
+        return self.crms[client]
+
+    def alpha(self, rows: pd.DataFrame) -> torch.Tensor:
+        """[rows, N_m] router weights of each row's user (rows of one client)."""
+        clients = rows["client"].unique()
+        if len(clients) != 1:
+            raise ValueError(f"personal: a batch holds the rows of clients {clients.tolist()}; the router runs one client's")
+        h = mf_user_vectors(self.crm(int(clients[0])), rows).to(self.bank.route.device)
+        return self.router(h)
+
+    def route(self, rows: pd.DataFrame) -> None:
+        alpha = self.alpha(rows)
+        if self.model.training:  # the local run's routing entropy (`metrics`)
+            a = alpha.detach()
+            self.entropy.append(float(-(a * a.clamp_min(1e-12).log()).sum(1).mean()))
+        self.bank.set(alpha)
+
+    # -- the Adapter interface ---------------------------------------------------------------------
+
+    def begin(self) -> None:
+        self.entropy = []
+
+    def metrics(self) -> dict:
+        return {"personal/alpha_entropy": float(np.mean(self.entropy))} if self.entropy else {}
+
+    def describe(self) -> dict:
+        blocks = self.layout.blocks
+        return {"personal/bank": self.bank.size,
+                "personal/bank_params": sum(b.numel for b in blocks if b.adapter == "bank"),
+                "personal/router_params": sum(b.numel for b in blocks if b.adapter == "router"),
+                "personal/upload_params": sum(p.numel() for p in self.shared)}
+
+    def export(self, params) -> tuple[dict, dict]:
+        """The bank (and the router when shared) as trained; a local part (the routers, fedsa's
+        B) as the uniform mean over the clients that trained, as fedsa exports its B."""
+        set_flat(self.shared, params)
+        if self.local:
+            store = self.host.store
+            parts = [s["local"] for c in range(self.host.cfg.clients.num)
+                     if (s := store.load(c, LATEST)) is not None and "local" in s]
+            set_flat(self.local, torch.stack(parts).mean(0) if parts else self.initial_local)
+        state = self.bank.state()
+        state.update({f"router.{n}": t.detach().cpu().contiguous() for n, t in self.router.state_dict().items()})
+        lora = self.host.cfg.model.lora
+        config = {"fedsim_personal": vars(self.host.cfg.model.personal).copy(), "r": lora.r, "lora_alpha": lora.alpha,
+                  "target_modules": list(lora.target_modules), "router_input": f"MF user vector ({MF_DIM}) and bias"}
+        return state, config
+
+
+class SharedRouter(Capable):
+    """`model.personal.share_router: true`: the router's weights travel with the bank."""
+    breaks = {"both_parts_uploaded": ("cannot be combined with privacy.dp_lora, which clips only the LoRA A and B "
+                                      "parts of an upload; the shared router is neither (use privacy.client_dp, or "
+                                      "keep the router local)")}
