@@ -19,14 +19,37 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def mlflow_store(tmp_path_factory):
+    """`mlflow_store(path)` puts an empty MLflow sqlite store (its tables made) at `path`, unless one is
+    there: MLflow makes the tables of a new store in ~6 s (its migrations), a copy takes milliseconds.
+    The store is otherwise as a new one: only the Default experiment, no runs."""
+    template = []
+
+    def make(path: Path) -> None:
+        if not template:
+            from mlflow import MlflowClient
+
+            db = tmp_path_factory.mktemp("mlflow_store") / "mlflow.db"
+            MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()  # makes the tables
+            template.append(db)
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(template[0], path)
+    return make
+
+
 @pytest.fixture
-def tiny_cfg(tmp_path):
+def tiny_cfg(tmp_path, mlflow_store):
     """A tiny-random model on synthetic users: a full federated run in seconds on a CPU."""
     from fedsim.config import load_config
 
     def make(*overrides):
-        return load_config("configs/tiny.yaml", [f"output_dir={tmp_path / 'runs'}",
-                                                 f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", *overrides])
+        cfg = load_config("configs/tiny.yaml", [f"output_dir={tmp_path / 'runs'}",
+                                                f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", *overrides])
+        if cfg.tracking.enabled and cfg.tracking.uri == f"sqlite:///{tmp_path / 'mlflow.db'}":
+            mlflow_store(tmp_path / "mlflow.db")
+        return cfg
     return make
 
 
@@ -88,3 +111,17 @@ def crash_run_pair(tmp_path_factory):
         a, b = (load_file(Path(s["run_dir"]) / "adapter" / "adapter_model.safetensors") for s in (plain[0], changed))
         return plain[0], changed, max(float((a[k] - b[k]).abs().max()) for k in a)
     return pair
+
+
+@pytest.fixture(scope="session")
+def crash_round0_run(tmp_path_factory, ray_local):
+    """The summary of the tiny run with client 1's executor killed in round 1 (two executors: client 1
+    alone on one). Made once per session: tests/test_e2e.py checks the drop and restart on it,
+    tests/test_stragglers.py compares a straggler run with it."""
+    from fedsim.config import load_config
+    from fedsim.simulation import run
+
+    out = tmp_path_factory.mktemp("crash_round0")
+    cfg = load_config("configs/tiny.yaml", [f"output_dir={out}", "tracking.enabled=false", "executors.num=2",
+                                            "faults.crash=[{round: 0, client: 1}]"])
+    return run(cfg, log=lambda *a: None)

@@ -94,9 +94,10 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(ray_local, tiny_cf
     assert resumed["mlflow_run_id"] == partial["mlflow_run_id"]
 
 
-def test_a_client_actor_killed_mid_round_is_dropped_and_restarted(ray_local, tiny_cfg):
-    cfg = tiny_cfg("faults.crash=[{round: 0, client: 1}]")
-    summary = run(cfg, log=lambda *a: None)
+def test_a_client_actor_killed_mid_round_is_dropped_and_restarted(crash_round0_run):
+    # faults.crash=[{round: 0, client: 1}], client 1 alone on the second of two executors (the run
+    # is shared with tests/test_stragglers.py, which compares a straggler run with it).
+    summary = crash_round0_run
     assert summary["complete"]
     assert summary["dropped"] == [{"round": 0, "client": 1}]
     history = load_checkpoint(Path(summary["run_dir"]))["history"]

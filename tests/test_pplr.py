@@ -318,12 +318,15 @@ def test_pplr_config_errors_name_the_key(override, message):
         load_config("configs/tiny.yaml", [override])
 
 
-def test_pplr_end_to_end_on_ray(ray_local, tiny_cfg):
+def test_pplr_end_to_end_on_ray_with_its_table_on_disk(ray_local, tiny_cfg):
+    """One run serves both: PPLR through Ray and MLflow, with its per-client table on disk (the
+    memory table gives the same rounds: test_a_disk_table_gives_the_same_rounds_as_memory_...)."""
     import mlflow
 
+    from fedsim.client.state import ClientStore
     from fedsim.simulation import load_checkpoint, run
 
-    cfg = tiny_cfg("strategy.name=pplr")
+    cfg = tiny_cfg("strategy.name=pplr", "strategy.pplr.table=disk")
     summary = run(cfg, log=lambda *a: None)
     assert summary["complete"] and summary["strategy"] == "pplr" and summary["rounds_done"] == 2
     assert set(summary["clients_final"]) == {"0", "1", "2"}
@@ -339,34 +342,23 @@ def test_pplr_end_to_end_on_ray(ray_local, tiny_cfg):
     for c in range(3):
         assert lr[c][0] == cfg.train.lr
         assert lr[c][1] == pytest.approx(cfg.train.lr * scale[c][1])
-    losses = load_checkpoint(Path(summary["run_dir"]))["history"][0]
+    run_dir = Path(summary["run_dir"])
+    losses = load_checkpoint(run_dir)["history"][0]
     lagging = max(range(3), key=lambda c: losses[f"client/{c}/train_loss"])
     assert lr[lagging][1] == max(lr[c][1] for c in range(3)) > cfg.train.lr
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"pplr_similarity.png", "pplr_similarity.csv", "adapter"} <= artifacts
 
-    # Each client ends with its own adapter; the exported one is their mean.
-    state = load_checkpoint(Path(summary["run_dir"]))["strategy"]["strategy"]
-    theta = state["theta"]
-    assert sorted(theta) == [0, 1, 2]
-    for a in range(3):
-        for b in range(a + 1, 3):
-            assert not torch.allclose(theta[a], theta[b])
-
-
-def test_pplr_with_its_table_on_disk_on_ray(ray_local, tiny_cfg):
-    from fedsim.client.state import ClientStore
-    from fedsim.simulation import load_checkpoint, run
-
-    summary = run(tiny_cfg("strategy.name=pplr", "strategy.pplr.table=disk", "tracking.enabled=false"),
-                  log=lambda *a: None)
-    assert summary["complete"]
-    run_dir = Path(summary["run_dir"])
+    # The table is on disk, not in the checkpoint; each client keeps its last version only.
     state = load_checkpoint(run_dir)["strategy"]["strategy"]
     assert "theta" not in state and state["clients"] == [0, 1, 2] and state["round"] == 1
     store = ClientStore(run_dir / "strategy" / "pplr_table")
     thetas = [store.load(c, 2)["theta"] for c in range(3)]
     assert all(len(list(store.client_dir(c).glob("r*.pt"))) == 1 for c in range(3))  # pruned after the checkpoint
+    # Each client ends with its own adapter; the exported one is their mean.
+    for a in range(3):
+        for b in range(a + 1, 3):
+            assert not torch.allclose(thetas[a], thetas[b]), (a, b)
     exported = load_file(run_dir / "adapter" / "adapter_model.safetensors")
     assert torch.allclose(state["sum"].float() / 3, torch.stack(thetas).mean(0), atol=1e-6)
     assert sum(t.numel() for t in exported.values()) == thetas[0].numel()

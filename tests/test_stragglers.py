@@ -28,13 +28,14 @@ def test_slow_needs_a_timeout():
         load_config("configs/tiny.yaml", ["faults.round_timeout=0"])
 
 
-def test_a_straggler_is_dropped_and_its_late_update_never_reaches_a_later_round(ray_local, tiny_cfg):
+def test_a_straggler_is_dropped_and_its_late_update_never_reaches_a_later_round(ray_local, tiny_cfg, crash_round0_run):
     # 15 s is far beyond a tiny round (about a second on an idle CPU): only the straggler misses it.
     # Two executors: clients 0 and 2 on one, the straggler alone on the other.
     slow = run(tiny_cfg("tracking.enabled=false", "executors.num=2", "faults.round_timeout=15",
                         "faults.slow=[{round: 0, client: 1}]"), **QUIET)
-    # The same client lost in the same round to a crash, before it could report or save anything.
-    crash = run(tiny_cfg("tracking.enabled=false", "executors.num=2", "faults.crash=[{round: 0, client: 1}]"), **QUIET)
+    # The same client lost in the same round to a crash, before it could report or save anything
+    # (the same config with faults.crash instead of faults.slow; shared with tests/test_e2e.py).
+    crash = crash_round0_run
     assert slow["complete"] and slow["dropped"] == crash["dropped"] == [{"round": 0, "client": 1}]
     run_dir = Path(slow["run_dir"])
     assert claim_path(run_dir, 1, 0).read_text() == "late"

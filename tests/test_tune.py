@@ -121,7 +121,7 @@ def test_a_trial_that_cannot_fit_the_cluster_is_an_error_before_tune_starts(ray_
     assert not (tmp_path / "runs").exists()  # nothing started
 
 
-def test_sweep_under_tune_nested_mlflow_runs_and_resume(ray_local, tmp_path):
+def test_sweep_under_tune_nested_mlflow_runs_and_resume(ray_local, tmp_path, mlflow_store):
     """Four trials (2 clients counts x 2 epsilons, two at a time), interrupted as Ctrl+C would once two
     finished (the third is then usually mid-run), then resumed: every trial ends with one nested
     MLflow run holding each round's metrics exactly once."""
@@ -130,6 +130,7 @@ def test_sweep_under_tune_nested_mlflow_runs_and_resume(ray_local, tmp_path):
     from fedsim.tuning.tune import run_sweep
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow_store(tmp_path / "mlflow.db")  # its tables made (MLflow takes seconds to make them)
     path = write_sweep(tmp_path, grid={"clients.num": [2, 3], "privacy.client_dp.epsilon": [4, "inf"]},
                        set={"train.rounds": 2, "train.local_steps": 1, "executors.num": 1, "executors.num_cpus": 0.5,
                             "output_dir": str(tmp_path / "runs")}, max_concurrent=2)
