@@ -27,6 +27,13 @@ for _ in $(seq 120); do  # the job server takes a few seconds to come up
   kill -0 $head 2>/dev/null || { cat /tmp/fedsim-head.log; exit 1; }
   sleep 1
 done
+# Token auth is on: the head refuses a request without the token (401) or with a wrong one (403).
+no=$(curl -s -o /dev/null -w '%{http_code}' "$address/api/jobs/")
+bad=$(curl -s -o /dev/null -w '%{http_code}' -H 'Authorization: Bearer not-the-token' "$address/api/jobs/")
+if [ "$no" != 401 ] || [ "$bad" != 403 ]; then
+  echo "the head answered $no without a token and $bad with a wrong one (401 and 403 expected)"; exit 1
+fi
+echo "auth ok: the head refuses a request without the token (401) and with a wrong one (403)"
 summary=$(mktemp --suffix .json)
 job=fedsim-$(date +%s)
 for try in $(seq 30); do  # "No available agent" until the head's agent registers: retry the submission only

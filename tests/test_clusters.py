@@ -95,6 +95,7 @@ def test_a_sweep_submitted_as_a_job_to_a_local_head_succeeds(tmp_path):
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-3000:]
     assert "succeeded" in out and "Missing authentication token" not in out
+    assert "auth ok: the head refuses a request without the token (401) and with a wrong one (403)" in out, out[-3000:]
     assert re.search(r"job ok: MLflow parent run \w+ FINISHED with 2 nested trial runs, 2/2 trials finished", out), out[-3000:]
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     exp = client.get_experiment_by_name("fedsim").experiment_id
