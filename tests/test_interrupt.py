@@ -30,8 +30,11 @@ def cli(ray_local, cwd, *args) -> subprocess.Popen:
     # Token auth as the session's instance has it: fedsim's init_ray sends the token when it finds one.
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     # cwd: MLflow puts a sqlite store's artifacts under ./mlruns.
+    # SIGINT back to its default in the child: a shell without job control starts background jobs
+    # (e.g. `pytest &` in a script) with SIGINT ignored, and Python then keeps ignoring it (no Ctrl+C).
     return subprocess.Popen([sys.executable, "-m", "fedsim.cli", "run", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for_round(run_root: Path, round: int, proc: subprocess.Popen, timeout: float = 240) -> Path:
