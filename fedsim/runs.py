@@ -12,9 +12,9 @@ from fedsim.simulation import Simulation, load_run_config
 def make_run(cfg: Config | None, run_dir: Path | str | None = None, tracking_uri: str | None = None, **kw):
     """A Simulation or a ShardedRun for `cfg`, or for the saved config of `run_dir` when resuming (cfg None)."""
     run_dir = Path(run_dir) if run_dir else None
-    resuming = run_dir is not None and (run_dir / "config.yaml").exists()
-    shards = (load_run_config(run_dir) if resuming else cfg).unlearning.shards if (resuming or cfg) else 0
-    if shards:
+    if run_dir is not None and (run_dir / "config.yaml").exists():
+        cfg = load_run_config(run_dir)  # a resumed run keeps its saved config, as both classes do
+    if cfg is not None and cfg.unlearning.shards:
         from fedsim.unlearning.sharded import ShardedRun
 
         return ShardedRun(cfg, run_dir, tracking_uri=tracking_uri, **kw)
