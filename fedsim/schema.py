@@ -395,6 +395,10 @@ class AuditConfig:
     enabled: bool = False
     # Member and non-member rows scored per client.
     rows_per_client: int = 64
+    # Fraction of each client's train rows never trained on and kept as the attack's non-members
+    # (same users, same time span). 0 takes the non-members from train rows a client happened not
+    # to reach, or from its valid/test rows when it trained on all of them.
+    holdout: float = 0.0
 
 
 @dataclass
@@ -735,6 +739,7 @@ def _validate_privacy(cfg: Config) -> None:
         _check(0 < dl.delta < 1, "privacy.dp_lora.delta", dl.delta, "must be in (0, 1)")
     _check(cfg.privacy.audit.rows_per_client >= 1, "privacy.audit.rows_per_client",
            cfg.privacy.audit.rows_per_client, "must be >= 1")
+    _check(0 <= cfg.privacy.audit.holdout < 1, "privacy.audit.holdout", cfg.privacy.audit.holdout, "must be in [0, 1)")
     sd = cfg.privacy.sample_dp
     if sd.enabled:
         _check(sd.max_grad_norm > 0, "privacy.sample_dp.max_grad_norm", sd.max_grad_norm, "must be > 0")

@@ -11,7 +11,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedsim.client.executor import LATEST
 from fedsim.config import ConfigError, load_config
 from fedsim.models.lora import (LoraModule, get_flat, lora_part, set_flat, split_dense, stack_factors,
                                 stacked_delta_w)
@@ -150,15 +149,15 @@ def test_fedsa_uploads_only_a_and_keeps_each_clients_b(executor):
     s.initialize(ex.initial_params(), 3)
     updates = train_round(ex, s, 0, clients=(0, 1), weights=(1.0, 1.0))
     assert all(u.delta.numel() == n_a for u in updates)
-    b0, b1 = (ex.store.load(c, LATEST)["local"] for c in (0, 1))
+    b0, b1 = (ex.store.latest(c)["local"] for c in (0, 1))
     assert b0.abs().max() > 0 and b1.abs().max() > 0 and not torch.allclose(b0, b1)
-    assert ex.store.load(2, LATEST) is None  # client 2 never trained
+    assert ex.store.latest(2) is None  # client 2 never trained
     s.aggregate(0, updates)
 
     # Round 2, client 0 only, with a negligible learning rate: it ends where its own round-1 B was,
     # so it started from its own B (not from B = 0, nor from client 1's).
     ex.train(0, 1, s.params_for(0), 1e-12, [0])
-    b0_r2 = ex.store.load(0, LATEST)["local"]
+    b0_r2 = ex.store.latest(0)["local"]
     assert torch.equal(ex.store.load(0, 1)["local"], b0)  # what round 2 (index 1) started from
     assert torch.allclose(b0_r2, b0, atol=1e-8) and not torch.allclose(b0_r2, b1)
 
@@ -176,7 +175,7 @@ def test_fedsa_export_is_global_a_with_the_mean_of_the_clients_b(executor):
     s.initialize(ex.initial_params(), 3)
     s.aggregate(0, train_round(ex, s, 0, clients=(0, 1), weights=(1.0, 1.0)))
     state, cfg = ex.export(s.global_params())
-    bs = torch.stack([ex.store.load(c, LATEST)["local"] for c in (0, 1)]).mean(0)
+    bs = torch.stack([ex.store.latest(c)["local"] for c in (0, 1)]).mean(0)
     got_b = torch.cat([v.reshape(-1) for k, v in state.items() if "lora_B" in k])
     got_a = torch.cat([v.reshape(-1) for k, v in state.items() if "lora_A" in k])
     assert torch.allclose(got_b, bs) and torch.allclose(got_a, s.global_params())

@@ -528,8 +528,10 @@ def test_unreachable_target_fails_in_the_cli_before_any_actor(tmp_path, capsys):
 def test_membership_audit_sees_memorisation_and_not_an_untrained_model(ray_local, tiny_cfg):
     from fedsim.simulation import run
 
-    # Eight rows per client, many steps at a high rate: the model memorises its members.
-    memorised = run(tiny_cfg("privacy.audit.enabled=true", "data.max_train_per_client=8", "train.local_steps=40",
+    # Eight rows per client (and eight held out as non-members), many steps at a high rate: the
+    # model memorises its members.
+    memorised = run(tiny_cfg("privacy.audit.enabled=true", "data.max_train_per_client=16", "privacy.audit.holdout=0.5",
+                             "train.local_steps=40",
                              "train.lr=0.05", "train.batch_size=8", "train.rounds=2", "tracking.enabled=false"),
                     log=lambda *a: None)
     f = memorised["final"]
@@ -541,3 +543,22 @@ def test_membership_audit_sees_memorisation_and_not_an_untrained_model(ray_local
     u = untrained["final"]["privacy/mia_auc"]
     print(f"membership-inference AUC: memorised {f['privacy/mia_auc']:.3f}, untrained {u:.3f}")
     assert abs(u - 0.5) < 0.12 and f["privacy/mia_auc"] > u + 0.1
+
+
+def test_audit_holdout_rows_are_never_trained_on_and_are_the_non_members(prepare_run, tmp_path):
+    cfg = load_config("configs/tiny.yaml", ["tracking.enabled=false", "privacy.audit.enabled=true",
+                                            "privacy.audit.holdout=0.5", "data.max_train_per_client=20",
+                                            "train.local_steps=10", "train.batch_size=4"])
+    ex = prepare_run("holdout", cfg).executor(tmp_path / "own", cfg)
+    key = lambda df: set(zip(df["user"], df["item"], df["timestamp"]))  # noqa: E731
+    train, held = ex._train_rows(0)
+    assert len(train) == len(held) == 10
+    assert key(train).isdisjoint(key(held)) and key(train) | key(held) == key(ex._rows(0, "train"))
+    assert key(ex._train_rows(0)[1]) == key(held)  # a pure function of (seed, client): the same every call
+    # 10 steps x 4 rows over 10 trainable rows: the client reaches every one, and no held-out row.
+    ex.train(0, 0, ex.initial_params(), 5e-3, [0])
+    scored = ex.membership(0, ex.initial_params(), 64)
+    # Non-members: the held-out rows of the members' users (scored in the same order).
+    assert len(scored["member"]) == 10 and len(scored["nonmember"]) == held["user"].isin(train["user"]).sum() > 0
+    members = ex.store.latest(0)["members"]
+    assert key(train.iloc[members]) == key(train)

@@ -40,7 +40,6 @@ from fedsim.postprocessors import ClientContext, build_postprocessors, run_clien
 from fedsim.schema import config_from_dict
 
 
-LATEST = 2**62  # `before_round` that finds a client's newest saved state
 
 
 def shard_path(run_dir: Path, client: int) -> Path:
@@ -100,6 +99,17 @@ class ClientExecutor:
         df = pd.read_parquet(shard_path(self.run_dir, client))
         return df[df["split"] == split].reset_index(drop=True)
 
+    def _train_rows(self, client: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """(the train rows the client trains on, the rows privacy.audit.holdout keeps out as non-members).
+        The held-out rows are a seeded pure function of (seed, client), the same every round."""
+        rows = self._rows(client, "train")
+        n = int(round(self.cfg.privacy.audit.holdout * len(rows)))
+        if n == 0 or n == len(rows):
+            return rows, rows.iloc[:0]
+        held = np.zeros(len(rows), dtype=bool)
+        held[np.random.default_rng(client_seed(self.cfg.train.seed, client, 10**6 + 1)).choice(len(rows), n, replace=False)] = True
+        return rows[~held].reset_index(drop=True), rows[held].reset_index(drop=True)
+
     def _batch(self, rows: pd.DataFrame) -> dict:
         self.adapter.route(rows)  # the rows' batch is the next forward
         return encode(self.tokenizer, render_prompts(rows, self.template), self.cfg.model.max_length, self.device)
@@ -111,7 +121,7 @@ class ClientExecutor:
         maybe_slow(self.cfg, self.run_dir, client, round)
         t0 = time.perf_counter()
         t = self.cfg.train
-        rows = self._rows(client, "train")
+        rows, _ = self._train_rows(client)
         if len(rows) == 0:
             raise ValueError(f"client {client} has no train rows in {shard_path(self.run_dir, client)}")
         saved = self.store.load(client, round)
@@ -210,7 +220,7 @@ class ClientExecutor:
     def evaluate(self, client: int, params: torch.Tensor, split: str, max_rows: int | None = None) -> dict:
         """p(Yes) for the client's rows of `split`; `max_rows`: a fixed seeded subset of them
         (the same rows at every call, so interim evaluations are comparable with each other)."""
-        self.adapter.load(params, self.store.load(client, LATEST) if self.adapter.needs_saved() else None)
+        self.adapter.load(params, self.store.latest(client) if self.adapter.needs_saved() else None)
         rows = self._rows(client, split)
         if max_rows is not None and len(rows) > max_rows:
             pick = np.random.default_rng(client_seed(self.cfg.train.seed, client, 10**6 + 1)).choice(len(rows), max_rows, replace=False)
@@ -236,15 +246,16 @@ class ClientExecutor:
 
         Non-members are the client's train-split rows it never trained on, from the members' users:
         the same users and the same time span as the members, so a model that learned nothing scores
-        0.5. (Valid / test rows come later in time and differ in distribution; they are used only
-        when a client trained on every train row it has.)"""
-        saved = self.store.load(client, LATEST) or {}
+        0.5. They are the rows privacy.audit.holdout kept out of training when it is set, else the
+        rows the client happened not to reach. (Valid / test rows come later in time and differ in
+        distribution; they are used only when a client trained on every train row it has.)"""
+        saved = self.store.latest(client) or {}
         self.adapter.load(params, saved)
-        train = self._rows(client, "train")
+        train, holdout = self._train_rows(client)
         used = saved.get("members", np.zeros(0, dtype=np.int64))
         members = train.iloc[used]
         unused = train.drop(index=train.index[used])
-        held = unused if len(unused) else pd.concat([self._rows(client, "valid"), self._rows(client, "test")])
+        held = holdout if len(holdout) else unused if len(unused) else pd.concat([self._rows(client, "valid"), self._rows(client, "test")])
         same_users = held[held["user"].isin(members["user"])]
         held = same_users if len(same_users) else held
         rng = np.random.default_rng(client_seed(self.cfg.train.seed, client, 10**6))

@@ -115,6 +115,10 @@ class ClientStore:
         return sorted((int(n[1:-3]), self.client_dir(client) / n) for n in names
                       if n.startswith("r") and n.endswith(".pt"))
 
+    def latest(self, client: int) -> dict | None:
+        """The client's newest entry, or None."""
+        return self.load(client, 2**62)
+
     def load(self, client: int, before_round: int) -> dict | None:
         """The newest entry saved after a round < `before_round`, or None."""
         older = [(r, p) for r, p in self._versions(client) if r < before_round]

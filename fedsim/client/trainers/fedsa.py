@@ -9,7 +9,6 @@ import torch
 from fedsim.client.trainers.base import Adapter
 from fedsim.models.lora import export_state, get_flat, set_flat
 
-LATEST = 2**62  # `before_round` that finds a client's newest saved state
 
 
 class FedSA(Adapter):
@@ -24,6 +23,6 @@ class FedSA(Adapter):
         set_flat(self.shared, params)
         store = self.host.store
         bs = [s["local"] for c in range(self.host.cfg.clients.num)
-              if (s := store.load(c, LATEST)) is not None and "local" in s]
+              if (s := store.latest(c)) is not None and "local" in s]
         set_flat(self.local, torch.stack(bs).mean(0) if bs else self.initial_local)
         return export_state(self.model, get_flat(self.params))

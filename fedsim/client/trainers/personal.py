@@ -30,7 +30,6 @@ from fedsim.models.bank import Bank, Router
 from fedsim.models.layout import lora_sites
 from fedsim.models.lora import MODE_ROLES, set_flat
 
-LATEST = 2**62  # `before_round` that finds a client's newest saved state
 CRM_CACHE = 64  # clients whose fitted CRM an executor keeps in memory (a refit costs ~0.1 s)
 
 
@@ -101,7 +100,7 @@ class Personal(Adapter):
         if self.local:
             store = self.host.store
             parts = [s["local"] for c in range(self.host.cfg.clients.num)
-                     if (s := store.load(c, LATEST)) is not None and "local" in s]
+                     if (s := store.latest(c)) is not None and "local" in s]
             set_flat(self.local, torch.stack(parts).mean(0) if parts else self.initial_local)
         state = self.bank.state()
         state.update({f"router.{n}": t.detach().cpu().contiguous() for n, t in self.router.state_dict().items()})
