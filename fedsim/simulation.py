@@ -460,7 +460,9 @@ class Simulation:
             other.append(r["nonmember"])
         m, o = np.concatenate(member), np.concatenate(other)
         if len(m) and len(o):
-            out["privacy/mia_auc"] = auc(np.r_[np.ones(len(m)), np.zeros(len(o))], -np.r_[m, o])
+            labels, scores = np.r_[np.ones(len(m)), np.zeros(len(o))], -np.r_[m, o]
+            out["privacy/mia_auc"] = auc(labels, scores)
+            out["privacy/mia_auc_ci_low"], out["privacy/mia_auc_ci_high"] = auc_ci(labels, scores, seed=self.cfg.train.seed)
             out["privacy/member_loss"], out["privacy/nonmember_loss"] = float(m.mean()), float(o.mean())
         return out
 

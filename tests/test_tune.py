@@ -229,3 +229,21 @@ def test_sweep_dirs_match_the_sweep_name_exactly(tmp_path):
     assert [p.name for p in sweep_dirs(tmp_path, "privacy")] == ["privacy-20240101-120000", "privacy-20240103-120000"]
     assert [p.name for p in sweep_dirs(tmp_path, "privacy-clients")] == ["privacy-clients-20240102-120000"]
     assert sweep_dirs(tmp_path / "missing", "privacy") == []
+
+
+def test_epsilon_plots_draw_intervals_seeds_baselines_and_the_attack(tmp_path):
+    from matplotlib.image import imread
+
+    from fedsim.tuning.report import plot_mia, plot_privacy_utility
+
+    rows = [{"privacy.sample_dp.epsilon": eps, "train.seed": seed, "seed": seed, "auc": a + 0.01 * seed,
+             "auc_ci_low": a - 0.04, "auc_ci_high": a + 0.04, "auc_min": a - 0.1, "auc_max": a + 0.1,
+             "mia_auc": m, "mia_ci_low": m - 0.05, "mia_ci_high": m + 0.05, "epsilon": eps,
+             "baseline/popularity": 0.66, "baseline/history_popularity": 0.81}
+            for eps, a, m in ((math.inf, 0.77, 0.71), (8.0, 0.70, 0.55), (2.0, 0.60, 0.50)) for seed in (0, 1)]
+    keys = ["privacy.sample_dp.epsilon", "train.seed"]
+    for plot, name in ((plot_privacy_utility, "pu.png"), (plot_mia, "mia.png")):
+        path = plot(rows, keys, tmp_path / name)
+        assert path == tmp_path / name and imread(path).shape[:2] == (495, 770)  # 7 x 4.5 in at 110 dpi
+    # No audit in any trial (mia_auc NaN): no attack plot rather than an empty one.
+    assert plot_mia([{**r, "mia_auc": math.nan} for r in rows], keys, tmp_path / "none.png") is None

@@ -16,6 +16,8 @@ from fedsim.tuning.sweep import EPSILON_KEYS, METRICS
 
 NAN = float("nan")
 CI = ("auc_ci_low", "auc_ci_high")  # the last evaluation's 95 % interval of the AUC (reported, not ranked on)
+# The membership-inference audit (privacy.audit) with its 95 % interval, under short names.
+MIA = {"mia_auc": "privacy/mia_auc", "mia_ci_low": "privacy/mia_auc_ci_low", "mia_ci_high": "privacy/mia_auc_ci_high"}
 
 
 def epsilon_spent(history: list[dict], cfg: dict) -> float:
@@ -52,7 +54,7 @@ def trial_row(spec: dict, result, interrupted: bool) -> dict:
     row = {"trial": spec["trial"], **{k: v for k, v in spec["params"].items() if k != "train.seed"},
            # Every metric a sweep may rank on (sweep.METRICS), so `finish` finds the sweep's metric.
            "seed": cfg["train"]["seed"], **dict.fromkeys(METRICS, NAN), **dict.fromkeys(CI, NAN),
-           "epsilon": epsilon_spent([], cfg), "bytes_up": 0.0, "bytes_down": 0.0, "wall_seconds": NAN,
+           **dict.fromkeys(MIA, NAN), "epsilon": epsilon_spent([], cfg), "bytes_up": 0.0, "bytes_down": 0.0, "wall_seconds": NAN,
            "rounds": 0, "status": "", "run_dir": str(run_dir), "mlflow_run_id": None,
            "trial_node": "", "executor_nodes": ""}
     ckpt = load_checkpoint(run_dir) if run_dir.exists() else None
@@ -61,6 +63,8 @@ def trial_row(spec: dict, result, interrupted: bool) -> dict:
         evals = [h for h in history if "auc" in h]
         last = evals[-1] if evals else {}
         row.update({k: last.get(k, NAN) for k in (*METRICS, *CI)})
+        audit = next((h for h in reversed(history) if MIA["mia_auc"] in h), {})
+        row.update({k: audit.get(v, NAN) for k, v in MIA.items()})
         row.update(epsilon=epsilon_spent(history, cfg), rounds=len(history), wall_seconds=ckpt["wall_seconds"],
                    bytes_up=sum(h.get("bytes_up", 0) for h in history),
                    bytes_down=sum(h.get("bytes_down", 0) for h in history), mlflow_run_id=ckpt.get("mlflow_run_id"))
@@ -69,6 +73,8 @@ def trial_row(spec: dict, result, interrupted: bool) -> dict:
         if summary.get("complete"):
             row["wall_seconds"] = summary["wall_seconds"]  # includes the final export
         row.update(nodes(summary.get("placement", {})))
+        # The conventional baselines on the same rows: the lines a plot compares against.
+        row.update({f"baseline/{k}": d["auc"] for k, d in summary.get("baselines", {}).items() if "auc" in d})
     elif (run_dir / "summary.json").exists():  # a sharded run (unlearning.shards): no checkpoint of its own
         summary = json.loads((run_dir / "summary.json").read_text())
         if summary.get("complete") and "unlearning" in summary:
@@ -136,36 +142,63 @@ def _plt():
     return plt
 
 
-def plot_privacy_utility(rows: list[dict], keys: list[str], path: Path) -> Path | None:
-    """Epsilon vs pooled AUC, one line per setting of the other keys, a band from the worst to the best
-    client's AUC (means over seeds). The x is the epsilon target when the sweep varies one, else the
-    epsilon spent; no DP (infinity) is drawn to the right of the largest finite value."""
+def _plot_vs_epsilon(rows: list[dict], keys: list[str], path: Path, y: str, ci: tuple[str, str], ylabel: str,
+                     title: str, band: tuple[str, str] | None = None, lines: dict | None = None) -> Path | None:
+    """`y` against epsilon, one line per setting of the other keys: the mean over seeds with bars for
+    its 95 % interval over rows (the interval ends' mean over seeds), each seed as a faint dot, `band`
+    (low, high columns) shaded, `lines` ({label: value}) drawn across. The x is the epsilon target
+    when the sweep varies one, else the epsilon spent; no DP (infinity) is drawn to the right of the
+    largest finite value."""
     target = next((k for k in keys if k in EPSILON_KEYS), None)
     x_of = (lambda r: r[target]) if target else (lambda r: r["epsilon"])
-    rows = [r for r in rows if r["auc"] == r["auc"] and x_of(r) == x_of(r)]
+    rows = [r for r in rows if r[y] == r[y] and x_of(r) == x_of(r)]
     if len({x_of(r) for r in rows}) < 2:
         return None
     finite = [x_of(r) for r in rows if x_of(r) != math.inf]
     inf_at = 4 * max(finite) if finite else 1.0
+    at = lambda x: inf_at if x == math.inf else x  # noqa: E731
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     groups = _series(rows, keys, target or "epsilon")
     for j, (label, grp) in enumerate(groups.items()):
-        xs, m = _mean_by_x(grp, x_of, ("auc", "auc_min", "auc_max"))
-        pos = np.array([inf_at if x == math.inf else x for x in xs]) * (1 + 0.05 * (j - (len(groups) - 1) / 2))
-        line, = ax.plot(pos, m["auc"], marker="o", label=label)
-        ax.fill_between(pos, m["auc_min"], m["auc_max"], color=line.get_color(), alpha=0.15)
+        shift = 1 + 0.05 * (j - (len(groups) - 1) / 2)  # side by side, not on top of each other
+        xs, m = _mean_by_x(grp, x_of, (y, *ci, *(band or ())))
+        pos = np.array([at(x) for x in xs]) * shift
+        bars = np.nan_to_num([np.subtract(m[y], m[ci[0]]), np.subtract(m[ci[1]], m[y])])
+        line = ax.errorbar(pos, m[y], yerr=bars, marker="o", capsize=3, label=label)[0]
+        ax.scatter([at(x_of(r)) * shift for r in grp], [r[y] for r in grp], s=10, color=line.get_color(), alpha=0.35)
+        if band:
+            ax.fill_between(pos, m[band[0]], m[band[1]], color=line.get_color(), alpha=0.15)
+    for k, (name, value) in enumerate((lines or {}).items()):
+        ax.axhline(value, ls="--", lw=1, color=f"C{len(groups) + k}", label=name)
     ax.set_xscale("log")
     no_dp = any(x_of(r) == math.inf for r in rows)
     ax.set_xticks(sorted(set(finite)) + [inf_at] * no_dp, [_fmt(x) for x in sorted(set(finite))] + ["∞ (no DP)"] * no_dp)
     ax.minorticks_off()
-    ax.set(xlabel=f"ε ({target or 'spent'})", ylabel="test AUC (band: worst to best client)",
-           title="privacy–utility")
+    seeds = sorted({r["seed"] for r in rows})
+    ax.set(xlabel=f"ε ({target or 'spent'})", ylabel=ylabel, title=f"{title} (seeds {', '.join(map(str, seeds))})")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_privacy_utility(rows: list[dict], keys: list[str], path: Path) -> Path | None:
+    """Epsilon vs pooled test AUC with its interval, the band from the worst to the best client's AUC,
+    and the conventional baselines on the same rows as dashed lines."""
+    first = next((r for r in rows if any(k.startswith("baseline/") for k in r)), {})
+    lines = {f"baseline: {k.split('/', 1)[1]}": v for k, v in first.items() if k.startswith("baseline/")}
+    return _plot_vs_epsilon(rows, keys, path, "auc", CI, "test AUC (bars: 95 % CI; band: worst to best client)",
+                            "privacy–utility", band=("auc_min", "auc_max"), lines=lines)
+
+
+def plot_mia(rows: list[dict], keys: list[str], path: Path) -> Path | None:
+    """Epsilon vs the membership-inference attack's AUC (privacy.audit) with its interval; 0.5 = the
+    attack cannot tell members from non-members."""
+    return _plot_vs_epsilon(rows, keys, path, "mia_auc", ("mia_ci_low", "mia_ci_high"),
+                            "membership-inference AUC (bars: 95 % CI)", "membership inference",
+                            lines={"no leakage (0.5)": 0.5})
 
 
 def plot_clients(rows: list[dict], keys: list[str], auc_path: Path, wall_path: Path) -> list[Path]:
@@ -203,6 +236,7 @@ def finish(state: dict, rows: list[dict], sweep_dir: Path, parent, log=print) ->
     csv = sweep_dir / "results.csv"
     pd.DataFrame(rows).to_csv(csv, index=False)
     plots = [p for p in (plot_privacy_utility(rows, keys, sweep_dir / "privacy_utility.png"),
+                         plot_mia(rows, keys, sweep_dir / "privacy_mia.png"),
                          *plot_clients(rows, keys, sweep_dir / "clients_auc.png", sweep_dir / "clients_wall.png")) if p]
     scored = [r[state["metric"]] for r in done if r[state["metric"]] == r[state["metric"]]]
     metrics = {"trials": len(rows), "trials_finished": len(done),
