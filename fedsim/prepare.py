@@ -107,6 +107,10 @@ def describe_partition(stats: pd.DataFrame, max_rows: int = 40) -> str:
             + summary.to_string(float_format="%.3f"))
 
 
+def _few(ids: list[int]) -> str:
+    return f"{ids[:10]} and {len(ids) - 10} more" if len(ids) > 10 else str(ids)
+
+
 def prepare(cfg, run_dir: Path, log=print) -> dict:
     """Idempotent: a resumed run finds the shards, model and baselines it had."""
     run_dir = Path(run_dir)
@@ -138,12 +142,17 @@ def prepare(cfg, run_dir: Path, log=print) -> dict:
     stats = shard_stats(shards, cfg.clients.num)
     stats.to_csv(run_dir / "partition.csv", index=False)
     log(f"partition ({cfg.partition.method}):\n" + describe_partition(stats))
-    empty = stats[(stats["train"] == 0) | (stats[cfg.eval.split] == 0)]
-    if len(empty):
+    empty = stats[stats["train"] == 0]
+    if len(empty) or not (stats[cfg.eval.split] > 0).any():
         ids = empty["client"].tolist()
-        shown = f"{ids[:10]} and {len(ids) - 10} more" if len(ids) > 10 else str(ids)
-        raise ConfigError(f"clients {shown} have no train or {cfg.eval.split} rows: "
-                          f"lower clients.num ({cfg.clients.num}) or use more data")
+        shown = f"clients {_few(ids)} have no train rows" if ids else f"no client has {cfg.eval.split} rows"
+        raise ConfigError(f"{shown}: lower clients.num ({cfg.clients.num}) or use more data")
+    unscored = stats.loc[stats[cfg.eval.split] == 0, "client"].tolist()
+    if unscored:
+        # Users as clients under a split by time: most users have no later rows. They train; every
+        # evaluation scores the clients that have rows (the same rows whatever the client count).
+        log(f"{len(unscored)} of {cfg.clients.num} clients have no {cfg.eval.split} rows: they train, "
+            f"and evaluations score the other {cfg.clients.num - len(unscored)}")
 
     log("scoring conventional baselines on the rows this run evaluates")
     evaluated = shards[shards["split"] == cfg.eval.split]

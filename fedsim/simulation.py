@@ -467,7 +467,7 @@ class Simulation:
         return out
 
     def _evaluate(self, round: int, progress: Progress) -> dict:
-        clients = eval_clients(self.cfg)
+        clients = [c for c in eval_clients(self.cfg) if self.eval_rows[c]]  # a client without rows has nothing to score
         self._await_executors()
         refs = ray.get(self.aggregator.params_for.remote(clients, False))
         final = round == self.cfg.train.rounds - 1

@@ -49,3 +49,20 @@ def test_eval_clients_is_checked_and_fixed_across_rounds(tiny_cfg):
     cfg = tiny_cfg("clients.num=3", "eval.clients=0.5")
     picked = eval_clients(cfg)
     assert len(picked) == 2 and picked == eval_clients(cfg) and set(picked) <= {0, 1, 2}
+
+
+def test_clients_without_test_rows_train_and_only_clients_with_rows_are_scored(ray_local, tiny_cfg):
+    # Users as clients under a split by time: most users have no later rows. 6 test rows over 12
+    # clients of 5 users each: at least 6 clients have none. They train; evaluations skip them.
+    cfg = tiny_cfg("clients.num=12", "executors.num=2", "data.max_eval_rows=6", "train.rounds=1",
+                   "train.local_steps=1", "tracking.enabled=false")
+    lines = []
+    summary = run(cfg, log=lines.append)
+    stats = pd.read_csv(Path(summary["run_dir"]) / "partition.csv")
+    scored = stats.loc[stats["test"] > 0, "client"].tolist()
+    assert summary["complete"] and 0 < len(scored) <= 6 and stats["test"].sum() == 6
+    assert f"{12 - len(scored)} of 12 clients have no test rows: they train, and evaluations score the other {len(scored)}" in lines
+    last = load_checkpoint(Path(summary["run_dir"]))["history"][-1]
+    assert all(f"client/{c}/train_loss" in last for c in range(12))  # every client trained
+    assert last["clients_evaluated"] == len(scored) and summary["final"]["rows"] == 6
+    assert sorted(int(c) for c in summary["clients_final"]) == scored

@@ -107,7 +107,7 @@ class ClientExecutor:
         if n == 0 or n == len(rows):
             return rows, rows.iloc[:0]
         held = np.zeros(len(rows), dtype=bool)
-        held[np.random.default_rng(client_seed(self.cfg.train.seed, client, 10**6 + 1)).choice(len(rows), n, replace=False)] = True
+        held[np.random.default_rng(client_seed(self.cfg.train.seed, client, 10**6 + 2)).choice(len(rows), n, replace=False)] = True
         return rows[~held].reset_index(drop=True), rows[held].reset_index(drop=True)
 
     def _batch(self, rows: pd.DataFrame) -> dict:
