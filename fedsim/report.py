@@ -184,8 +184,10 @@ def plot_client_bars(history: list[dict], clients: int, metric: str, path: Path,
     ax.axhline(float(np.mean(values)), color="black", ls="--", label=f"mean {np.mean(values):.3f}")
     if reference is not None:
         ax.axhline(reference[1], color="tab:red", ls=":", label=f"{reference[0]} {reference[1]:.3f}")
+    top = max(values + ([reference[1]] if reference else []))
+    ax.set_ylim(0, 1.35 * top if top > 0 else 1)  # room for the legend above the lines
     ax.set(xlabel="client", ylabel=label, title=f"{label} per client (round {last['round'] + 1})")
-    ax.legend()
+    ax.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -595,7 +595,7 @@ class Simulation:
             curve = plot_learning_curve(history, info["baselines"], self.run_dir / "learning_curve.png")
             # RecLoRA: how concentrated each client's routing is where it is scored (log N_m = uniform).
             entropy = plot_client_bars(history, cfg.clients.num, "personal/eval_alpha_entropy",
-                                       self.run_dir / "routing_entropy.png", "entropy of the routing weights",
+                                       self.run_dir / "routing_entropy.png", "routing entropy (nats)",
                                        ("uniform mix", float(np.log(max(cfg.model.personal.bank, 1)))))
             extra = ray.get(self.aggregator.write_artifacts.remote(str(self.run_dir)))
             for path in (self.run_dir / "config.yaml", self.run_dir / "partition.csv",

@@ -254,14 +254,17 @@ def test_a_long_id_history_holds_only_earlier_rows():
 def test_through_ray_the_upload_is_the_bank_and_router_and_dp_applies_to_it(ray_local, tiny_cfg):
     """A real run (executor actors, the aggregator, the postprocessor chain) with a shared router
     under client-level DP: every round each client uploads the bank and the router, float32, the
-    server clips and noises them, and the export holds the bank."""
+    server clips and noises them, and the export holds the bank. The routing's entropy at each
+    evaluation reaches MLflow per client, and its bar plot is an artifact."""
+    import mlflow
     from safetensors.torch import load_file
 
     from fedsim.simulation import load_checkpoint, run
 
-    summary = run(tiny_cfg(*BANK, "model.personal.share_router=true", "privacy.client_dp.enabled=true",
-                           "privacy.client_dp.noise_multiplier=0.1", "privacy.client_dp.delta=0.1",
-                           "privacy.client_dp.clip=1.0"), log=lambda *a: None)
+    cfg = tiny_cfg("model.personal.bank=4", "model.personal.share_router=true", "privacy.client_dp.enabled=true",
+                   "privacy.client_dp.noise_multiplier=0.1", "privacy.client_dp.delta=0.1",
+                   "privacy.client_dp.clip=1.0", "model.personal.crm=sequential")
+    summary = run(cfg, log=lambda *a: None)
     run_dir = Path(summary["run_dir"])
     history = load_checkpoint(run_dir)["history"]
     exported = load_file(f"{run_dir}/adapter/adapter_model.safetensors")
@@ -275,3 +278,8 @@ def test_through_ray_the_upload_is_the_bank_and_router_and_dp_applies_to_it(ray_
     # Each client's routing entropy per round (an MLflow plot per client), below uniform's log 4.
     assert all(0 < h[f"client/{c}/personal/alpha_entropy"] < np.log(4) for h in history for c in range(3))
     assert {k for k in exported if k.endswith(".bank_A")} and summary["complete"]
+    client, run_id = mlflow.MlflowClient(tracking_uri=cfg.tracking.uri), summary["mlflow_run_id"]
+    for c in range(3):
+        logged = client.get_metric_history(run_id, f"client/{c}/personal/eval_alpha_entropy")
+        assert [m.step for m in logged] == [0, 1] and all(0 < m.value < np.log(4) for m in logged)
+    assert "routing_entropy.png" in {a.path for a in client.list_artifacts(run_id)}
