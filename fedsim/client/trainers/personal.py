@@ -5,10 +5,11 @@ h_u under a conventional recommender (CRM) that is frozen while the LLM part tra
 - the CRM (`model.personal.crm: mf`) is the logistic MF of `fedsim.baselines`, fitted on the
   client's own train rows the first time the client is seen ("Few2Many": ID data first), and never
   trained again; `crm: sequential` is the DIN-style attention over the user's long ID history of
-  `fedsim.models.sequential_crm`, fitted and frozen the same way. It is the client's own: no ID data leaves the client, and no other client's rows
-  shape it. A seeded fit of the same rows gives the same model, so any executor serving the client
-  rebuilds it instead of storing it. A user the CRM never saw (a new user of the valid / test
-  split) is folded in from the row's own history with the item factors frozen.
+  `fedsim.models.sequential_crm`, fitted and frozen the same way. It is the client's own: no ID
+  data leaves the client, and no other client's rows shape it. A seeded fit of the same rows gives
+  the same model, so any executor serving the client rebuilds it instead of storing it. A user the
+  MF never saw (a new user of the valid / test split) is folded in from the row's own history with
+  the item factors frozen; the sequential CRM reads that history directly.
 - the bank's A and B blocks take the roles of `strategy.lora_mode` (separate: both shared; ffa:
   A frozen; fedsa: B local): what is shared is uploaded and averaged through the normal
   postprocessor chain (clipping, DP noise, secure aggregation see the bank).
@@ -127,9 +128,11 @@ class Personal(Adapter):
         state = self.bank.state()
         state.update({f"router.{n}": t.detach().cpu().contiguous() for n, t in self.router.state_dict().items()})
         lora = self.host.cfg.model.lora
-        config = {"fedsim_personal": vars(self.host.cfg.model.personal).copy(), "r": lora.r, "lora_alpha": lora.alpha,
-                  "target_modules": list(lora.target_modules), "router_input": {"mf": f"MF user vector ({MF_DIM}) and bias",
-                                   "sequential": f"sequential CRM pooled history ({sequential_crm.DIM})"}[self.host.cfg.model.personal.crm]}
+        personal = self.host.cfg.model.personal
+        router_input = {"mf": f"MF user vector ({MF_DIM}) and bias",
+                        "sequential": f"sequential CRM's attention-pooled history ({sequential_crm.DIM})"}[personal.crm]
+        config = {"fedsim_personal": vars(personal).copy(), "r": lora.r, "lora_alpha": lora.alpha,
+                  "target_modules": list(lora.target_modules), "router_input": router_input}
         return state, config
 
 
