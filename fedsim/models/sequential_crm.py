@@ -139,7 +139,9 @@ def fit_sequential(train: pd.DataFrame, seed: int, length: int, epochs: int = EP
         hist, liked, target = _tensors(m, train)
         y = torch.tensor(train["label"].to_numpy(), dtype=torch.float32)
         opt = torch.optim.Adam(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
-        for _ in range(epochs):  # full batch: a client's rows fit easily and the result is deterministic
+        # Full batch: a client's rows fit easily and the result is deterministic. No rows (a client
+        # evaluated that has none to train on): the untrained model, not a NaN one.
+        for _ in range(epochs if len(train) else 0):
             opt.zero_grad()
             F.binary_cross_entropy_with_logits(model(hist, liked, target), y).backward()
             opt.step()
