@@ -160,6 +160,40 @@ def plot_client_auc(history: list[dict], clients: int, path: Path) -> Path | Non
     return path
 
 
+def plot_client_bars(history: list[dict], clients: int, metric: str, path: Path, label: str,
+                     reference: tuple[str, float] | None = None) -> Path | None:
+    """A bar per evaluated client of `client/<c>/<metric>` at the last evaluation, their mean
+    (dashed) and an optional `reference` (name, value) line; None where no client has the metric."""
+    evals = [h for h in history if "auc" in h]
+    ids = [c for c in range(clients) if evals and f"client/{c}/{metric}" in evals[-1]]
+    if not ids:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    last = evals[-1]
+    values = [last[f"client/{c}/{metric}"] for c in ids]
+    fig, ax = plt.subplots(figsize=(max(5, min(12, 0.4 * len(ids) + 3)), 4))
+    ax.bar(range(len(ids)), values, color="tab:purple")
+    if len(ids) <= 40:
+        ax.set_xticks(range(len(ids)), [str(c) for c in ids])
+    ax.axhline(float(np.mean(values)), color="black", ls="--", label=f"mean {np.mean(values):.3f}")
+    if reference is not None:
+        ax.axhline(reference[1], color="tab:red", ls=":", label=f"{reference[0]} {reference[1]:.3f}")
+    top = max(values + ([reference[1]] if reference else []))
+    ax.set_ylim(0, 1.35 * top if top > 0 else 1)  # room for the legend above the lines
+    ax.set(xlabel="client", ylabel=label, title=f"{label} per client (round {last['round'] + 1})")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_learning_curve(history: list[dict], baselines: dict, path: Path) -> Path | None:
     """Pooled AUC (with its 95 % interval) against the training rows seen so far, the baselines as
     dashed lines with their interval bands. None with fewer than two evaluations."""

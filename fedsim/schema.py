@@ -126,7 +126,12 @@ class PersonalConfig:
     merge: Literal["weights", "outputs"] = "weights"
     # The user representation h_u: mf = logistic matrix factorisation (fedsim.baselines) on the
     # client's own train rows, [user factor, user bias]; users it never saw are folded in from the row's history.
-    crm: Literal["mf"] = "mf"
+    # sequential = a DIN-style attention over the user's long ID history (fedsim.models.sequential_crm), the
+    # history pooled by attention to the row's target item; fitted on the client's own train rows too.
+    crm: Literal["mf", "sequential"] = "mf"
+    # crm sequential: the long ID history's length, (item, liked) pairs rated strictly before the row, from the
+    # client's earlier train rows of the user and the row's own text history.
+    crm_history: int = 60
     # false: each client's router is private (kept in its store entry); true: uploaded and averaged with the bank.
     share_router: bool = False
 
@@ -668,6 +673,7 @@ def _validate_personal(cfg: Config) -> None:
         return
     _check(p.temperature > 0, "model.personal.temperature", p.temperature, "must be > 0")
     _check(p.router_hidden >= 0, "model.personal.router_hidden", p.router_hidden, "must be >= 0 (0 = a linear router)")
+    _check(p.crm_history >= 1, "model.personal.crm_history", p.crm_history, "must be >= 1")
 
 
 def _validate_unlearning(cfg: Config) -> None:

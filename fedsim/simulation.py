@@ -31,7 +31,8 @@ from fedsim.compare import KEY, paired_vs_baselines
 from fedsim.metrics import accuracy, auc, auc_ci, logloss
 from fedsim.postprocessors import describe
 from fedsim.prepare import prepare
-from fedsim.report import Progress, headline_metrics, plot_client_auc, plot_learning_curve, summary_table
+from fedsim.report import (Progress, headline_metrics, plot_client_auc, plot_client_bars, plot_learning_curve,
+                           summary_table)
 from fedsim.server.aggregator import Aggregator
 from fedsim.server.split_server import start_split_server
 from fedsim.tracking import Tracker, resolve_uri
@@ -132,7 +133,7 @@ def balance_rows(rows: dict[int, int], clients: list[int], executors: int) -> di
 def eval_metrics(results: list[dict], num_clients: int, seed: int = 0) -> dict[str, float]:
     """Per-client and pooled metrics; the pooled AUC with a 95 % bootstrap interval over rows."""
     out: dict[str, float] = {}
-    per_client = []
+    per_client, adapter = [], {}
     for r in results:
         c, y, p = r["client"], r["labels"], r["probs"]
         a = auc(y, p)
@@ -140,6 +141,9 @@ def eval_metrics(results: list[dict], num_clients: int, seed: int = 0) -> dict[s
         out[f"client/{c}/logloss"] = logloss(y, p)
         out[f"client/{c}/accuracy"] = accuracy(y, p)
         out[f"client/{c}/rows"] = float(len(y))
+        for k, v in r.get("metrics", {}).items():  # the adapter's, e.g. personal/eval_alpha_entropy
+            out[f"client/{c}/{k}"] = v
+            adapter.setdefault(k, []).append(v)
         if a == a:
             per_client.append(a)
     y = np.concatenate([r["labels"] for r in results])
@@ -151,6 +155,7 @@ def eval_metrics(results: list[dict], num_clients: int, seed: int = 0) -> dict[s
         out.update(auc_mean=float(np.mean(per_client)), auc_std=float(np.std(per_client)),
                    auc_min=float(np.min(per_client)), auc_max=float(np.max(per_client)),
                    auc_gap=float(np.max(per_client) - np.min(per_client)))
+    out.update({k: float(np.mean(v)) for k, v in adapter.items()})  # the mean over clients
     out["clients_evaluated"] = float(len(results))
     return out
 
@@ -588,9 +593,13 @@ class Simulation:
             self._export_adapter()
             plot = plot_client_auc(history, cfg.clients.num, self.run_dir / "client_auc.png")
             curve = plot_learning_curve(history, info["baselines"], self.run_dir / "learning_curve.png")
+            # RecLoRA: how concentrated each client's routing is where it is scored (log N_m = uniform).
+            entropy = plot_client_bars(history, cfg.clients.num, "personal/eval_alpha_entropy",
+                                       self.run_dir / "routing_entropy.png", "routing entropy (nats)",
+                                       ("uniform mix", float(np.log(max(cfg.model.personal.bank, 1)))))
             extra = ray.get(self.aggregator.write_artifacts.remote(str(self.run_dir)))
             for path in (self.run_dir / "config.yaml", self.run_dir / "partition.csv",
-                         self.run_dir / "summary.json", plot, curve, preds if preds.exists() else None,
+                         self.run_dir / "summary.json", plot, curve, entropy, preds if preds.exists() else None,
                          *map(Path, extra)):
                 if path:
                     self.tracker.log_artifact(path)

@@ -225,6 +225,7 @@ class ClientExecutor:
         if max_rows is not None and len(rows) > max_rows:
             pick = np.random.default_rng(client_seed(self.cfg.train.seed, client, 10**6 + 1)).choice(len(rows), max_rows, replace=False)
             rows = rows.iloc[np.sort(pick)].reset_index(drop=True)
+        self.adapter.begin_eval()
         # Rows of similar length are batched together (less padding to compute; a row's score does
         # not depend on its batch, fedsim.models.scoring), then put back in order.
         size = rows["title"].str.len() + rows["liked"].map(lambda t: sum(map(len, t))) + rows["disliked"].map(lambda t: sum(map(len, t)))
@@ -237,7 +238,8 @@ class ClientExecutor:
         # The row key (user, item, timestamp) lets the driver save per-row predictions that other
         # runs and the baselines can be paired with.
         return {"client": client, "labels": rows["label"].to_numpy(), "probs": probs,
-                **{k: rows[k].to_numpy() for k in ("user", "item", "timestamp")}}
+                **{k: rows[k].to_numpy() for k in ("user", "item", "timestamp")},
+                "metrics": self.adapter.eval_metrics()}
 
     @torch.no_grad()
     def membership(self, client: int, params, max_rows: int) -> dict:

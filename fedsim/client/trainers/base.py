@@ -104,6 +104,13 @@ class Adapter(Capable):
         """A client's adapter-side metrics after its local run."""
         return {}
 
+    def begin_eval(self) -> None:
+        """Before a client's evaluation (counters to reset)."""
+
+    def eval_metrics(self) -> dict:
+        """A client's adapter-side metrics from its evaluation (RecLoRA: the routing's entropy)."""
+        return {}
+
     def describe(self) -> dict:
         """Sizes to log as MLflow params."""
         return {}

@@ -4,10 +4,12 @@ h_u under a conventional recommender (CRM) that is frozen while the LLM part tra
 
 - the CRM (`model.personal.crm: mf`) is the logistic MF of `fedsim.baselines`, fitted on the
   client's own train rows the first time the client is seen ("Few2Many": ID data first), and never
-  trained again. It is the client's own: no ID data leaves the client, and no other client's rows
-  shape it. A seeded fit of the same rows gives the same model, so any executor serving the client
-  rebuilds it instead of storing it. A user the CRM never saw (a new user of the valid / test
-  split) is folded in from the row's own history with the item factors frozen.
+  trained again; `crm: sequential` is the DIN-style attention over the user's long ID history of
+  `fedsim.models.sequential_crm`, fitted and frozen the same way. It is the client's own: no ID
+  data leaves the client, and no other client's rows shape it. A seeded fit of the same rows gives
+  the same model, so any executor serving the client rebuilds it instead of storing it. A user the
+  MF never saw (a new user of the valid / test split) is folded in from the row's own history with
+  the item factors frozen; the sequential CRM reads that history directly.
 - the bank's A and B blocks take the roles of `strategy.lora_mode` (separate: both shared; ffa:
   A frozen; fedsa: B local): what is shared is uploaded and averaged through the normal
   postprocessor chain (clipping, DP noise, secure aggregation see the bank).
@@ -26,11 +28,16 @@ import torch
 from fedsim.baselines import MF_DIM, fit_mf, mf_user_vectors
 from fedsim.client.trainers.base import Adapter
 from fedsim.core.capabilities import Capable
+from fedsim.models import sequential_crm
 from fedsim.models.bank import Bank, Router
 from fedsim.models.layout import lora_sites
 from fedsim.models.lora import MODE_ROLES, set_flat
 
-CRM_CACHE = 64  # clients whose fitted CRM an executor keeps in memory (a refit costs ~0.1 s)
+CRM_CACHE = 64  # clients whose fitted CRM an executor keeps in memory (a refit costs ~0.1 s; sequential ~1-5 s)
+# Each CRM: (fit on a client's train rows, h_u of rows under the fit, h_u's size).
+CRMS = {"mf": (lambda train, p, seed: fit_mf(train, seed), mf_user_vectors, MF_DIM + 1),
+        "sequential": (lambda train, p, seed: sequential_crm.fit_sequential(train, seed, p.crm_history),
+                       sequential_crm.sequential_user_vectors, sequential_crm.DIM)}
 
 
 class Personal(Adapter):
@@ -47,20 +54,23 @@ class Personal(Adapter):
         p = cfg.model.personal
         self.bank = Bank(self.model, lora_sites(self.model), p.bank, p.merge, cfg.train.seed)
         device = self.bank.route.device
-        self.router = Router(MF_DIM + 1, p.bank, p.router_hidden, p.temperature, cfg.train.seed).to(device)
+        self.fit_crm, self.user_vectors, dim = CRMS[p.crm]
+        self.router = Router(dim, p.bank, p.router_hidden, p.temperature, cfg.train.seed).to(device)
         self.crms: dict[int, dict] = {}
-        self.entropy: list[float] = []
+        self.entropy: list[float] = []  # per batch of the local run
+        self.eval_entropy: list[np.ndarray] = []  # per row of an evaluation
         return self.bank.layout(MODE_ROLES[cfg.strategy.lora_mode], self.router,
                                 "shared" if p.share_router else "local")
 
     # -- routing -----------------------------------------------------------------------------------
 
     def crm(self, client: int) -> dict:
-        """The client's frozen MF, fitted on its own train rows on first use."""
+        """The client's frozen CRM, fitted on its own train rows on first use."""
         if client not in self.crms:
             if len(self.crms) >= CRM_CACHE:
                 self.crms.pop(next(iter(self.crms)))
-            self.crms[client] = fit_mf(self.host._rows(client, "train"), self.host.cfg.train.seed)
+            cfg = self.host.cfg
+            self.crms[client] = self.fit_crm(self.host._rows(client, "train"), cfg.model.personal, cfg.train.seed)
         return self.crms[client]
 
     def alpha(self, rows: pd.DataFrame) -> torch.Tensor:
@@ -68,14 +78,17 @@ class Personal(Adapter):
         clients = rows["client"].unique()
         if len(clients) != 1:
             raise ValueError(f"personal: a batch holds the rows of clients {clients.tolist()}; the router runs one client's")
-        h = mf_user_vectors(self.crm(int(clients[0])), rows).to(self.bank.route.device)
+        h = self.user_vectors(self.crm(int(clients[0])), rows).to(self.bank.route.device)
         return self.router(h)
 
     def route(self, rows: pd.DataFrame) -> None:
         alpha = self.alpha(rows)
+        a = alpha.detach()
+        entropy = -(a * a.clamp_min(1e-12).log()).sum(1)
         if self.model.training:  # the local run's routing entropy (`metrics`)
-            a = alpha.detach()
-            self.entropy.append(float(-(a * a.clamp_min(1e-12).log()).sum(1).mean()))
+            self.entropy.append(float(entropy.mean()))
+        else:  # an evaluation's (`eval_metrics`)
+            self.eval_entropy.append(entropy.cpu().numpy())
         self.bank.set(alpha)
 
     # -- the Adapter interface ---------------------------------------------------------------------
@@ -85,6 +98,16 @@ class Personal(Adapter):
 
     def metrics(self) -> dict:
         return {"personal/alpha_entropy": float(np.mean(self.entropy))} if self.entropy else {}
+
+    def begin_eval(self) -> None:
+        self.eval_entropy = []
+
+    def eval_metrics(self) -> dict:
+        """The mean entropy of the evaluated rows' alpha: how far from one meta-LoRA (0) or the
+        uniform mix (log N_m) the routing is where the client is scored."""
+        if not self.eval_entropy:
+            return {}
+        return {"personal/eval_alpha_entropy": float(np.concatenate(self.eval_entropy).mean())}
 
     def describe(self) -> dict:
         blocks = self.layout.blocks
@@ -105,8 +128,11 @@ class Personal(Adapter):
         state = self.bank.state()
         state.update({f"router.{n}": t.detach().cpu().contiguous() for n, t in self.router.state_dict().items()})
         lora = self.host.cfg.model.lora
-        config = {"fedsim_personal": vars(self.host.cfg.model.personal).copy(), "r": lora.r, "lora_alpha": lora.alpha,
-                  "target_modules": list(lora.target_modules), "router_input": f"MF user vector ({MF_DIM}) and bias"}
+        personal = self.host.cfg.model.personal
+        router_input = {"mf": f"MF user vector ({MF_DIM}) and bias",
+                        "sequential": f"sequential CRM's attention-pooled history ({sequential_crm.DIM})"}[personal.crm]
+        config = {"fedsim_personal": vars(personal).copy(), "r": lora.r, "lora_alpha": lora.alpha,
+                  "target_modules": list(lora.target_modules), "router_input": router_input}
         return state, config
 
 
