@@ -70,7 +70,7 @@ class Personal(Adapter):
             if len(self.crms) >= CRM_CACHE:
                 self.crms.pop(next(iter(self.crms)))
             cfg = self.host.cfg
-            self.crms[client] = self.fit_crm(self.host._rows(client, "train"), cfg.model.personal, cfg.train.seed)
+            self.crms[client] = self.fit_crm(self.host._train_rows(client)[0], cfg.model.personal, cfg.train.seed)
         return self.crms[client]
 
     def alpha(self, rows: pd.DataFrame) -> torch.Tensor:
