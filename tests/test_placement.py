@@ -34,9 +34,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def on_a_cluster(out: Path, mlflow_url: str) -> None:
+def on_a_cluster(out: Path, mlflow_url: str, kill: bool = True) -> None:
     """Start the cluster, run fedsim on it, then a sweep as a job; write what Ray and the runs say to
-    `out`/result.json."""
+    `out`/result.json. (`kill` False: no node killed, for the wall time in docs/clusters.md.)"""
     from ray.cluster_utils import Cluster
     from ray.util.state import list_actors
 
@@ -72,7 +72,7 @@ def on_a_cluster(out: Path, mlflow_url: str) -> None:
         result.update(returncode=done.returncode, output=(done.stdout + done.stderr)[-4000:],
                       actors=[{"pid": a.pid, "node_id": a.node_id} for a in actors], packed=packed,
                       resource_error=resource_error, run_seconds=time.monotonic() - t0)
-        result["sweep"] = sweep_as_a_job(cluster, workers["silo_a"], f"http://127.0.0.1:{dash}", out, mlflow_url)
+        result["sweep"] = sweep_as_a_job(cluster, workers["silo_a"] if kill else None, f"http://127.0.0.1:{dash}", out, mlflow_url)
     finally:
         cluster.shutdown()
         result["seconds"] = time.monotonic() - t0
@@ -114,7 +114,7 @@ def sweep_as_a_job(cluster, victim, dashboard: str, out: Path, mlflow_url: str) 
             time.sleep(1)
     at_kill, killed_after = [], None
     while client.get_job_status(job) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
-        if killed_after is None and list(shared.glob("*/runs/trial_*/checkpoint.pt")):
+        if victim and killed_after is None and list(shared.glob("*/runs/trial_*/checkpoint.pt")):
             # Where every live actor is as the node dies (Ray's state API), and which trials had a
             # checkpoint then: those must resume from it, not start again.
             at_kill = [{"class_name": a.class_name, "node_id": a.node_id, "pid": a.pid} for a in list_actors(
@@ -301,4 +301,4 @@ def test_a_trial_whose_split_server_names_a_missing_node_resource_is_an_error_be
 
 
 if __name__ == "__main__":
-    on_a_cluster(Path(sys.argv[1]), sys.argv[2])
+    on_a_cluster(Path(sys.argv[1]), sys.argv[2], kill=sys.argv[3:] != ["--no-kill"])
