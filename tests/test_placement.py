@@ -270,6 +270,8 @@ def test_a_sweep_job_across_nodes_survives_a_killed_worker_and_lands_in_mlflow_o
     exp = rest(url, "experiments/get-by-name", experiment_name="fedsim")["experiment"]["experiment_id"]
     parent = rest(url, "runs/get", run_id=summary["parent_run_id"])["run"]
     assert parent["info"]["status"] == "FINISHED"
+    files = {f["path"] for f in rest(url, "artifacts/list", run_id=summary["parent_run_id"])["files"]}
+    assert {"results.csv", "sweep.json"} <= files  # uploaded to the server's artifact store
     assert {"key": "trials_finished", "value": 2.0} in [{k: m[k] for k in ("key", "value")} for m in parent["data"]["metrics"]]
     nested = rest_post(url, "runs/search", {"experiment_ids": [exp], "max_results": 100,
                                             "filter": f"tags.mlflow.parentRunId = '{summary['parent_run_id']}'"})["runs"]
