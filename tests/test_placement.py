@@ -116,6 +116,8 @@ def sweep_as_a_job(cluster, workers: dict, dashboard: str, out: Path, mlflow_url
             time.sleep(1)
     at_kill, killed_after = [], None
     while client.get_job_status(job) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+        if time.monotonic() - t0 > 400:  # a hung sweep: end it, the test then shows its log
+            client.stop_job(job)
         if workers and killed_after is None and list(shared.glob("*/runs/trial_*/checkpoint.pt")):
             # Where every live actor is as the node dies (Ray's state API), and which trials had a
             # checkpoint then: those must resume from it, not start again.
