@@ -55,17 +55,35 @@ def test_rayjob_manifest_runs_a_sweep_on_gpu_workers():
     sweep = re.search(r"fedsim(?:\.cli)? tune (\S+)", spec["entrypoint"])
     assert sweep and parse_sweep(sweep.group(1)).name  # the sweep it runs exists and is valid
     assert "--tracking-uri http" in spec["entrypoint"] and "output_dir=/mnt/" in spec["entrypoint"]
-    env = yaml.safe_load(spec["runtimeEnvYAML"])
-    assert env["working_dir"] and {"mlflow>=3.0", "peft>=0.17"} <= set(env["pip"]["packages"])
+    assert yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"]
     cluster = spec["rayClusterSpec"]
     assert cluster["rayVersion"] == ray.__version__
-    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
-    assert head["image"].startswith("rayproject/ray:" + ray.__version__)
     groups = cluster["workerGroupSpecs"]
+    # the images clusters/Dockerfile builds (fedsim installed): CPU on the head, -gpu on the workers
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    workers = [c["image"] for g in groups for c in g["template"]["spec"]["containers"]]
+    assert head["image"] == "ghcr.io/your-org/fedsim:0.1.0" and set(workers) == {"ghcr.io/your-org/fedsim:0.1.0-gpu"}
+    assert "docker build -f clusters/Dockerfile --build-arg VARIANT=-gpu -t ghcr.io/your-org/fedsim:0.1.0-gpu ." in \
+        Path("clusters/Dockerfile").read_text()
     limits = [c["resources"]["limits"] for g in groups for c in g["template"]["spec"]["containers"]]
     assert groups[0]["minReplicas"] >= 1 and any(int(lim.get("nvidia.com/gpu", 0)) >= 1 for lim in limits)
     mounts = [m["mountPath"] for g in groups for c in g["template"]["spec"]["containers"] for m in c["volumeMounts"]]
     assert "/mnt/shared" in mounts  # the sweep directory must be shared between nodes
+
+
+def test_dockerfile_installs_fedsim_with_the_constraints_on_the_pinned_ray_image():
+    from test_constraints import pins
+
+    text = Path("clusters/Dockerfile").read_text()
+    p = pins()
+    assert re.findall(r"^FROM (\S+)", text, re.M) == [f"rayproject/ray:{p['ray']}-py311${{VARIANT}}"]
+    assert re.search(r'pip install .*"torch==' + re.escape(p["torch"]) + r'" "\.\[all\]" -c constraints.txt', text)
+    copied = re.findall(r"^COPY --chown=ray:users (.+) \S+$", text, re.M)
+    for path in " ".join(copied).split():
+        assert Path(path).exists(), path
+    kept = [line[1:].rstrip("/") for line in Path("clusters/Dockerfile.dockerignore").read_text().splitlines()
+            if line.startswith("!")]
+    assert sorted(kept) == sorted(" ".join(copied).split())  # the build context holds what it copies
 
 
 def test_readme_recipe_names_files_that_exist():
