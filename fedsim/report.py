@@ -119,7 +119,9 @@ def summary_table(summary: dict) -> str:
                f"clients dropped: {summary['dropped']}")
     audit = ""
     if "privacy/mia_auc" in f:
-        audit = (f"privacy audit: membership-inference AUC {f['privacy/mia_auc']:.4f} (0.5 = members "
+        ci = (f" [{f['privacy/mia_auc_ci_low']:.3f}, {f['privacy/mia_auc_ci_high']:.3f}]"
+              if "privacy/mia_auc_ci_low" in f else "")
+        audit = (f"privacy audit: membership-inference AUC {f['privacy/mia_auc']:.4f}{ci} (0.5 = members "
                  f"indistinguishable); loss members {f['privacy/member_loss']:.4f} vs held-out "
                  f"{f['privacy/nonmember_loss']:.4f}\n")
     return console.export_text() + paired + balance + "\n" + traffic + "\n" + audit

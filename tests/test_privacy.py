@@ -537,6 +537,8 @@ def test_membership_audit_sees_memorisation_and_not_an_untrained_model(ray_local
     f = memorised["final"]
     assert f["privacy/member_loss"] < f["privacy/nonmember_loss"]
     assert f["privacy/mia_auc"] > 0.65, f
+    # Its 95 % interval over the scored rows brackets it and excludes 0.5: the leak is not noise.
+    assert 0.5 < f["privacy/mia_auc_ci_low"] < f["privacy/mia_auc"] < f["privacy/mia_auc_ci_high"]
     # One tiny step: members and held-out rows look alike to the attack.
     untrained = run(tiny_cfg("privacy.audit.enabled=true", "train.local_steps=1", "train.lr=1e-6",
                              "train.rounds=1", "tracking.enabled=false"), log=lambda *a: None)
