@@ -350,15 +350,16 @@ def test_ffa_uploads_fewer_bytes_than_separate(mode_runs):
 
 
 @pytest.mark.parametrize("mode", ["fedsa", "stack"])
-def test_a_resumed_run_ends_where_an_uninterrupted_one_does(ray_local, tmp_path, mode):
+def test_a_resumed_run_ends_where_an_uninterrupted_one_does(mode_runs, tmp_path, mode):
     """The state these modes add (fedsa: each client's B in its store; stack: the merged update and
-    its version in the checkpoint, re-merged by fresh executors) survives an interruption."""
+    its version in the checkpoint, re-merged by fresh executors) survives an interruption. The
+    uninterrupted run is the mode's shared one (mode_runs), stopped here after its first round."""
     from fedsim.simulation import Simulation
 
-    cfg = tiny(f"output_dir={tmp_path}", f"strategy.lora_mode={mode}", "train.rounds=3", "clients.per_round=2")
-    full = run(cfg, **QUIET)
+    full = mode_runs(mode)[0]
+    cfg = tiny(f"output_dir={tmp_path}", f"strategy.lora_mode={mode}", f"name={mode}")
     sim = Simulation(cfg, **QUIET)
-    assert not sim.run(stop_after=2)["complete"]
+    assert not sim.run(stop_after=1)["complete"]
     resumed = run(run_dir=sim.run_dir, **QUIET)
     assert resumed["complete"]
     for key in ("auc", "logloss"):
