@@ -439,7 +439,12 @@ class Simulation:
         # In client order, not finishing order: the aggregate's float sum is then the same whichever
         # executor was quicker (an unlearned shard equals, bit for bit, a run that never saw the rows).
         done.sort(key=lambda d: d[0])
-        if any(isinstance(e, ray.exceptions.RayActorError) for e in failures.values()):
+        died = [c for c, e in failures.items() if isinstance(e, ray.exceptions.RayActorError)]
+        for c in died:
+            # A client can finish and save its round just before its executor dies, its result lost
+            # with the process: a dropped client keeps nothing of the round (as a straggler).
+            ClientStore(self.run_dir / "client_state").discard(c, round)
+        if died:
             self._await_executors(round)  # one out of restarts stops the run here, before the quorum
         need = math.ceil(cfg.faults.quorum * len(sampled))
         if len(done) < need:
