@@ -573,28 +573,7 @@ class Simulation:
             r = start
             try:
                 for r in range(start, last):
-                    t0 = time.perf_counter()
-                    metrics, lost = self._train_round(r, progress)
-                    dropped += [{"round": r, "client": c} for c in lost]
-                    if (r + 1) % cfg.eval.every == 0 or r == cfg.train.rounds - 1:
-                        metrics.update(self._evaluate(r, progress))
-                    if r == cfg.train.rounds - 1 and cfg.privacy.audit.enabled:
-                        metrics.update(self._audit(r, progress))
-                    metrics["round_seconds"] = time.perf_counter() - t0
-                    history.append({"round": r, **metrics})
-                    progress.round_done(r, metrics["round_seconds"], metrics)
-                    save_checkpoint(self.run_dir, {
-                        "round": r, "config": to_dict(cfg), "strategy": ray.get(self.aggregator.state_dict.remote()),
-                        "history": history, "dropped": dropped, "mlflow_run_id": self.tracker.run_id,
-                        "wall_seconds": wall_before + time.perf_counter() - t_start})
-                    # After the checkpoint: a driver killed in between leaves the round to log on resume
-                    # (below), never a step logged twice.
-                    self.tracker.log_metrics(metrics, step=r)
-                    # The checkpoint covers round r now: the trained clients' older store entries can go.
-                    ClientStore(self.run_dir / "client_state").prune(self.trained, r)
-                    ray.get(self.aggregator.after_checkpoint.remote(r))
-                    if self.on_round:
-                        self.on_round(r, metrics)
+                    self._round(r, progress, history, dropped, lambda: wall_before + time.perf_counter() - t_start)
             except ray.exceptions.RayActorError as e:  # executors' deaths are handled in _collect
                 raise self._actor_lost(e, r) from e
             done = bool(history) and history[-1]["round"] == cfg.train.rounds - 1
@@ -608,6 +587,31 @@ class Simulation:
         finally:
             self.tracker.end(status)
             self._stop_actors()
+
+    def _round(self, r: int, progress: Progress, history: list[dict], dropped: list, wall) -> None:
+        """Round r: train, evaluate, checkpoint (appending to `history` and `dropped`), then log."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        metrics, lost = self._train_round(r, progress)
+        dropped += [{"round": r, "client": c} for c in lost]
+        if (r + 1) % cfg.eval.every == 0 or r == cfg.train.rounds - 1:
+            metrics.update(self._evaluate(r, progress))
+        if r == cfg.train.rounds - 1 and cfg.privacy.audit.enabled:
+            metrics.update(self._audit(r, progress))
+        metrics["round_seconds"] = time.perf_counter() - t0
+        history.append({"round": r, **metrics})
+        progress.round_done(r, metrics["round_seconds"], metrics)
+        save_checkpoint(self.run_dir, {
+            "round": r, "config": to_dict(cfg), "strategy": ray.get(self.aggregator.state_dict.remote()),
+            "history": history, "dropped": dropped, "mlflow_run_id": self.tracker.run_id, "wall_seconds": wall()})
+        # After the checkpoint: a driver killed in between leaves the round to log on resume
+        # (in run), never a step logged twice.
+        self.tracker.log_metrics(metrics, step=r)
+        # The checkpoint covers round r now: the trained clients' older store entries can go.
+        ClientStore(self.run_dir / "client_state").prune(self.trained, r)
+        ray.get(self.aggregator.after_checkpoint.remote(r))
+        if self.on_round:
+            self.on_round(r, metrics)
 
     def _finish(self, info: dict, history: list[dict], dropped: list, wall: float, done: bool) -> dict:
         cfg = self.cfg
