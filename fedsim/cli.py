@@ -17,7 +17,7 @@ def _err(msg: str) -> int:
 
 def cmd_run(a) -> int:
     from fedsim.runs import make_run
-    from fedsim.simulation import QuorumError, resume_config
+    from fedsim.simulation import RunStopped, resume_config
 
     if a.resume:
         if a.config:
@@ -32,7 +32,7 @@ def cmd_run(a) -> int:
     sim = make_run(cfg if not a.resume else None, a.resume, tracking_uri=a.tracking_uri)
     try:
         summary = sim.run()
-    except QuorumError as e:
+    except RunStopped as e:  # too few clients, an actor lost: one line with the resume command
         return _err(str(e))
     except KeyboardInterrupt:
         # The last checkpoint is whole (written atomically); Ray's actors go with this process.

@@ -21,6 +21,8 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from fedsim.core.faults import ACTORS, PHASES
+
 
 class ConfigError(ValueError):
     """A bad config key or value; the message names the key."""
@@ -283,10 +285,11 @@ class EvalConfig:
 class FaultsConfig:
     # The round fails when fewer than this fraction of the sampled clients report.
     quorum: float = 0.5
-    # Chaos testing: kill the executor process serving `client` when it starts round `round`
-    # (once per run), to rehearse dropout and actor restarts. Entries: {round: r, client: c}.
-    # Each entry kills that client's actor once.
-    crash: list[dict[str, int]] = field(default_factory=list)
+    # Chaos testing: kill an actor's process once per run, to rehearse dropout, actor restarts and
+    # resume. {round: r, client: c}: the executor serving `client` dies as it starts that client's
+    # local training in round r; add `phase: eval` for its evaluation of round r instead.
+    # {round: r, actor: aggregator}: the aggregator dies as it starts aggregating round r.
+    crash: list[dict[str, Union[int, str]]] = field(default_factory=list)
     # Stragglers: a sampled client not back within this many seconds of the round's start is dropped
     # from that round; its late update is discarded, as is what it saved, so no later round uses it.
     # None: wait for every client.
@@ -647,8 +650,7 @@ def validate(cfg: Config) -> Config:
     _check(pp.lr_max_scale >= 1, "strategy.pplr.lr_max_scale", pp.lr_max_scale, "must be >= 1")
     _check(0 < cfg.faults.quorum <= 1, "faults.quorum", cfg.faults.quorum, "must be in (0, 1]")
     for i, crash in enumerate(cfg.faults.crash):
-        _check(set(crash) == {"round", "client"}, f"faults.crash[{i}]", crash, "needs exactly the keys round and client")
-        _check(0 <= crash["client"] < c.num, f"faults.crash[{i}].client", crash["client"], f"must be in [0, {c.num})")
+        _validate_crash(crash, f"faults.crash[{i}]", c.num)
     f = cfg.faults
     _check(f.round_timeout is None or f.round_timeout > 0, "faults.round_timeout", f.round_timeout,
            "must be > 0 seconds or null (wait for every client)")
@@ -662,6 +664,18 @@ def validate(cfg: Config) -> Config:
     _validate_unlearning(cfg)
     _validate_personal(cfg)
     return cfg
+
+
+def _validate_crash(crash: dict, key: str, clients: int) -> None:
+    _check(set(crash) in ({"round", "client"}, {"round", "client", "phase"}, {"round", "actor"}), key, crash,
+           "needs the keys round and client (and optionally phase), or round and actor")
+    _check(isinstance(crash["round"], int) and crash["round"] >= 0, f"{key}.round", crash["round"], "must be an integer >= 0")
+    if "actor" in crash:
+        _check(crash["actor"] in ACTORS, f"{key}.actor", crash["actor"], f"must be one of {', '.join(ACTORS)}")
+        return
+    _check(isinstance(crash["client"], int) and 0 <= crash["client"] < clients, f"{key}.client", crash["client"],
+           f"must be in [0, {clients})")
+    _check(crash.get("phase", "train") in PHASES, f"{key}.phase", crash.get("phase"), f"must be one of {', '.join(PHASES)}")
 
 
 def _validate_personal(cfg: Config) -> None:

@@ -38,8 +38,18 @@ from fedsim.server.split_server import start_split_server
 from fedsim.tracking import Tracker, resolve_uri
 
 
-class QuorumError(RuntimeError):
-    """Too few sampled clients reported in a round; the last checkpoint is intact."""
+class RunStopped(RuntimeError):
+    """The run cannot go on with this round; the last checkpoint is intact and the message, one
+    line, says how to resume (the CLI prints it without a traceback)."""
+
+
+class QuorumError(RunStopped):
+    """Too few sampled clients reported in a round."""
+
+
+class ActorLostError(RunStopped):
+    """An actor died for good mid-round: an executor out of executors.max_restarts, or the
+    aggregator (which holds the round's state and is rebuilt from the checkpoint on resume)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,8 +329,10 @@ class Simulation:
         if getattr(self, "group", None) is not None:
             ray.util.remove_placement_group(self.group)
 
-    def _await_executors(self, timeout: float = 600.0) -> None:
-        """Wait for restarting executors (calls to one fail at once), replace ones out of restarts."""
+    def _await_executors(self, round: int, timeout: float = 600.0) -> None:
+        """Wait for restarting executors (calls to one fail at once). One out of restarts stops the
+        run: executors.max_restarts is the budget a user set for a process that keeps dying (a bad
+        node, memory), and a fresh actor would hide that."""
         for i in range(len(self.executors)):
             deadline = time.monotonic() + timeout
             while True:
@@ -328,12 +340,26 @@ class Simulation:
                     ray.get(self.executors[i].ready.remote(), timeout=60)
                     break
                 except ray.exceptions.ActorDiedError:
-                    self.log(f"executor {i} is gone for good (executors.max_restarts used up); starting a new one")
-                    self.executors[i] = self._new_executor(i)
+                    n = self.cfg.executors.max_restarts
+                    raise ActorLostError(
+                        f"round {round + 1}: executor actor {i} died and its executors.max_restarts={n} restart(s) "
+                        f"are used up; the last checkpoint is intact. Resume with: fedsim run --resume {self.run_dir} "
+                        f"(if it keeps dying, look for why in its log, or add --set executors.max_restarts=N --force)"
+                    ) from None
                 except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
                     if time.monotonic() > deadline:
                         raise RuntimeError(f"executor {i} did not come back within {timeout:.0f} s")
                     time.sleep(0.5)
+
+    def _actor_lost(self, e: ray.exceptions.RayActorError, round: int) -> ActorLostError:
+        """A one-line stop naming the actor that died in `round` (the aggregator, the split server,
+        the CKKS key holder: actors whose state a round cannot go on without)."""
+        actors = {"executor actor " + str(i): a for i, a in enumerate(self.executors)}
+        actors.update({"aggregator actor": self.aggregator, "split server actor": self.split_server,
+                       "CKKS key holder actor": self.key_holder})
+        name = next((n for n, a in actors.items() if a is not None and a._actor_id.hex() == e.actor_id), "an actor")
+        return ActorLostError(f"round {round + 1}: the {name} died; the last checkpoint is intact (the round is "
+                              f"redone from it). Resume with: fedsim run --resume {self.run_dir}")
 
     def executor_for(self, client: int):
         return self.executors[client % len(self.executors)]
@@ -405,7 +431,7 @@ class Simulation:
         t0 = time.perf_counter()
         sampled = sorted(int(c) for c in clients)
         progress = progress or Progress(cfg.train.rounds, round)
-        self._await_executors()
+        self._await_executors(round)
         refs = ray.get(self.aggregator.params_for.remote(sampled))
         lrs = ray.get(self.aggregator.client_lrs.remote(sampled, cfg.train.lr))
         timeout = cfg.faults.round_timeout
@@ -418,6 +444,13 @@ class Simulation:
         # In client order, not finishing order: the aggregate's float sum is then the same whichever
         # executor was quicker (an unlearned shard equals, bit for bit, a run that never saw the rows).
         done.sort(key=lambda d: d[0])
+        died = [c for c, e in failures.items() if isinstance(e, ray.exceptions.RayActorError)]
+        for c in died:
+            # A client can finish and save its round just before its executor dies, its result lost
+            # with the process: a dropped client keeps nothing of the round (as a straggler).
+            ClientStore(self.run_dir / "client_state").discard(c, round)
+        if died:
+            self._await_executors(round)  # one out of restarts stops the run here, before the quorum
         need = math.ceil(cfg.faults.quorum * len(sampled))
         if len(done) < need:
             first = next(iter(failures.values()), None)
@@ -451,7 +484,7 @@ class Simulation:
     def _audit(self, round: int, progress: Progress) -> dict:
         """privacy/mia_auc: AUC of -loss separating members from non-members (pooled and per client)."""
         clients = list(range(self.cfg.clients.num))
-        self._await_executors()
+        self._await_executors(round)
         refs = ray.get(self.aggregator.params_for.remote(clients, False))
         n = self.cfg.privacy.audit.rows_per_client
         pending = {self.executor_for(c).membership.remote(c, refs[c], n): (c, None) for c in clients}
@@ -473,13 +506,28 @@ class Simulation:
 
     def _evaluate(self, round: int, progress: Progress) -> dict:
         clients = [c for c in eval_clients(self.cfg) if self.eval_rows[c]]  # a client without rows has nothing to score
-        self._await_executors()
+        self._await_executors(round)
         refs = ray.get(self.aggregator.params_for.remote(clients, False))
         final = round == self.cfg.train.rounds - 1
         rows = None if final else self.cfg.eval.interim_rows  # interim evaluations may score a subset
         serve = balance_rows(self.eval_rows, clients, len(self.executors))
-        pending = {self.executors[serve[c]].evaluate.remote(c, refs[c], self.cfg.eval.split, rows): (c, None) for c in clients}
-        done, _ = self._collect(pending, round, "eval", progress)
+
+        def score(clients):
+            return {self.executors[serve[c]].evaluate.remote(c, refs[c], self.cfg.eval.split, rows, round): (c, None)
+                    for c in clients}
+        done, failures = self._collect(score(clients), round, "eval", progress)
+        again = sorted(c for c, e in failures.items() if isinstance(e, ray.exceptions.RayActorError))
+        if again:
+            # An executor died mid-evaluation: scoring changes no state, so its clients are scored
+            # again on the restarted actor, and the metrics cover the same rows as without the fault.
+            self.log(f"round {round + 1}: scoring client(s) {again} again on the restarted executor(s)")
+            self._await_executors(round)
+            more, retry_failures = self._collect(score(again), round, "eval", progress)
+            done += more
+            failures = {**{c: e for c, e in failures.items() if c not in again}, **retry_failures}
+        if failures:
+            self.log(f"round {round + 1}: client(s) {sorted(failures)} not evaluated (see above); this round's "
+                     f"metrics cover {len(done)} of {len(clients)} clients (the metric clients_evaluated)")
         # In client order, not finishing order: the bootstrap interval and predictions.parquet then
         # do not depend on which actor was quicker (a resumed run reproduces them).
         results = sorted((r for _, r, _ in done), key=lambda r: r["client"])
@@ -529,29 +577,12 @@ class Simulation:
                 self.tracker.log_metrics({k: v for k, v in history[-1].items() if k != "round"}, step=ckpt["round"])
             progress = Progress(cfg.train.rounds, start)
             last = cfg.train.rounds if stop_after is None else min(cfg.train.rounds, stop_after)
-            for r in range(start, last):
-                t0 = time.perf_counter()
-                metrics, lost = self._train_round(r, progress)
-                dropped += [{"round": r, "client": c} for c in lost]
-                if (r + 1) % cfg.eval.every == 0 or r == cfg.train.rounds - 1:
-                    metrics.update(self._evaluate(r, progress))
-                if r == cfg.train.rounds - 1 and cfg.privacy.audit.enabled:
-                    metrics.update(self._audit(r, progress))
-                metrics["round_seconds"] = time.perf_counter() - t0
-                history.append({"round": r, **metrics})
-                progress.round_done(r, metrics["round_seconds"], metrics)
-                save_checkpoint(self.run_dir, {
-                    "round": r, "config": to_dict(cfg), "strategy": ray.get(self.aggregator.state_dict.remote()),
-                    "history": history, "dropped": dropped, "mlflow_run_id": self.tracker.run_id,
-                    "wall_seconds": wall_before + time.perf_counter() - t_start})
-                # After the checkpoint: a driver killed in between leaves the round to log on resume
-                # (below), never a step logged twice.
-                self.tracker.log_metrics(metrics, step=r)
-                # The checkpoint covers round r now: the trained clients' older store entries can go.
-                ClientStore(self.run_dir / "client_state").prune(self.trained, r)
-                ray.get(self.aggregator.after_checkpoint.remote(r))
-                if self.on_round:
-                    self.on_round(r, metrics)
+            r = start
+            try:
+                for r in range(start, last):
+                    self._round(r, progress, history, dropped, lambda: wall_before + time.perf_counter() - t_start)
+            except ray.exceptions.RayActorError as e:  # executors' deaths are handled in _collect
+                raise self._actor_lost(e, r) from e
             done = bool(history) and history[-1]["round"] == cfg.train.rounds - 1
             summary = self._finish(info, history, dropped, wall_before + time.perf_counter() - t_start, done)
             # An early stop is an interruption: KILLED until `--resume` sets it running again.
@@ -563,6 +594,31 @@ class Simulation:
         finally:
             self.tracker.end(status)
             self._stop_actors()
+
+    def _round(self, r: int, progress: Progress, history: list[dict], dropped: list, wall) -> None:
+        """Round r: train, evaluate, checkpoint (appending to `history` and `dropped`), then log."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        metrics, lost = self._train_round(r, progress)
+        dropped += [{"round": r, "client": c} for c in lost]
+        if (r + 1) % cfg.eval.every == 0 or r == cfg.train.rounds - 1:
+            metrics.update(self._evaluate(r, progress))
+        if r == cfg.train.rounds - 1 and cfg.privacy.audit.enabled:
+            metrics.update(self._audit(r, progress))
+        metrics["round_seconds"] = time.perf_counter() - t0
+        history.append({"round": r, **metrics})
+        progress.round_done(r, metrics["round_seconds"], metrics)
+        save_checkpoint(self.run_dir, {
+            "round": r, "config": to_dict(cfg), "strategy": ray.get(self.aggregator.state_dict.remote()),
+            "history": history, "dropped": dropped, "mlflow_run_id": self.tracker.run_id, "wall_seconds": wall()})
+        # After the checkpoint: a driver killed in between leaves the round to log on resume
+        # (in run), never a step logged twice.
+        self.tracker.log_metrics(metrics, step=r)
+        # The checkpoint covers round r now: the trained clients' older store entries can go.
+        ClientStore(self.run_dir / "client_state").prune(self.trained, r)
+        ray.get(self.aggregator.after_checkpoint.remote(r))
+        if self.on_round:
+            self.on_round(r, metrics)
 
     def _finish(self, info: dict, history: list[dict], dropped: list, wall: float, done: bool) -> dict:
         cfg = self.cfg

@@ -117,7 +117,7 @@ class ClientExecutor:
     def begin_local(self, client: int, round: int, params, lr: float) -> LocalRun:
         """Everything before a client's first local step: its rows, the received adapter (and its own
         local part) in the model, its AdamW with its saved moments, its seeded batch order."""
-        maybe_crash(self.cfg, self.run_dir, client, round)
+        maybe_crash(self.cfg.faults.crash, self.run_dir, round, client)
         maybe_slow(self.cfg, self.run_dir, client, round)
         t0 = time.perf_counter()
         t = self.cfg.train
@@ -217,9 +217,12 @@ class ClientExecutor:
         return self._train(Fused(self), clients, round, list(params), lrs, sampled)
 
     @torch.no_grad()
-    def evaluate(self, client: int, params: torch.Tensor, split: str, max_rows: int | None = None) -> dict:
+    def evaluate(self, client: int, params: torch.Tensor, split: str, max_rows: int | None = None,
+                 round: int | None = None) -> dict:
         """p(Yes) for the client's rows of `split`; `max_rows`: a fixed seeded subset of them
-        (the same rows at every call, so interim evaluations are comparable with each other)."""
+        (the same rows at every call, so interim evaluations are comparable with each other).
+        `round`: the driver's round, for an injected crash (faults.crash with phase: eval)."""
+        maybe_crash(self.cfg.faults.crash, self.run_dir, round, client, phase="eval")
         self.adapter.load(params, self.store.latest(client) if self.adapter.needs_saved() else None)
         rows = self._rows(client, split)
         if max_rows is not None and len(rows) > max_rows:

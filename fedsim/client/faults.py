@@ -1,7 +1,7 @@
 """Injected faults and stragglers.
 
-`faults.crash`: a client's executor process dies at the start of a chosen round, once, as a lost
-machine would look. `faults.slow`: a client is a straggler in a chosen round.
+`faults.crash` (in fedsim.core.faults): a client's executor process dies at the start of its
+training or evaluation in a chosen round, once. `faults.slow`: a client is a straggler in a chosen round.
 
 `faults.round_timeout`: whether a client's round counts is decided by one file per (round, client),
 created exclusively (O_EXCL) by whoever comes first: the executor when the client's local training
@@ -16,15 +16,7 @@ import os
 import time
 from pathlib import Path
 
-
-def maybe_crash(cfg, run_dir: Path, client: int, round: int) -> None:
-    for crash in cfg.faults.crash:
-        if crash["round"] == round and crash["client"] == client:
-            marker = Path(run_dir) / "faults" / f"crash_r{round}_c{client}"
-            if not marker.exists():  # once: the restarted actor must get through
-                marker.parent.mkdir(exist_ok=True)
-                marker.touch()
-                os._exit(1)  # a real process death
+from fedsim.core.faults import maybe_crash  # noqa: F401 (the executor's crash injection)
 
 
 def claim_path(run_dir: Path, client: int, round: int) -> Path:

@@ -142,6 +142,11 @@ class ClientStore:
         for _, p in self._versions(client)[:-2]:
             p.unlink(missing_ok=True)
 
+    def discard(self, client: int, round: int) -> None:
+        """Forget what the client saved after `round` (it was dropped from that round): its next
+        round loads its previous entry. `save` keeps two versions for this."""
+        (self.client_dir(client) / f"r{round}.pt").unlink(missing_ok=True)
+
     def prune(self, clients: list[int], through_round: int) -> None:
         """Once a checkpoint covers `through_round`, a resumed run never reads a version older than
         each client's newest one up to that round: delete those, so an idle client keeps one."""

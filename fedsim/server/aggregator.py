@@ -6,6 +6,7 @@ from pathlib import Path
 import ray
 import torch
 
+from fedsim.core.faults import maybe_crash
 from fedsim.core.store import state_nbytes
 from fedsim.postprocessors import RoundContext, build_postprocessors, run_server_hooks, run_update_hooks
 from fedsim.core.update import Update
@@ -24,6 +25,7 @@ class Aggregator:
         self.strategy.initialize(initial_params, cfg.clients.num)
         self.postprocessors = build_postprocessors(cfg, key_holder=key_holder)
         self.bytes_down = 0
+        self.crashes, self.run_dir = cfg.faults.crash, run_dir  # faults.crash with actor: aggregator
 
     def params_for(self, clients: list[int], count: bool = True) -> dict[int, ray.ObjectRef]:
         """One object-store ref per distinct tensor, so a broadcast is stored once, not per client.
@@ -47,6 +49,8 @@ class Aggregator:
 
     def aggregate(self, round: int, sampled: list[int], metas: list[dict], *deltas: torch.Tensor) -> dict[str, float]:
         """Fold in the updates of the reporting clients among `sampled` (the round's sampled ids)."""
+        if self.run_dir:
+            maybe_crash(self.crashes, self.run_dir, round, actor="aggregator")
         updates = [Update(m["client"], d, m["num_samples"], m["weight"], m) for m, d in zip(metas, deltas)]
         ctx = RoundContext(round, len(sampled), len(updates), self.num_clients, list(sampled))
         # Hooks on the list of updates first (secure aggregation opens the masked sum here), then
