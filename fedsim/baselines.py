@@ -1,6 +1,5 @@
 """Conventional recommenders fitted centrally on pooled training rows, as reference points."""
 
-import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +7,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from fedsim.core.threads import single_thread
 from fedsim.data.samples import SMOOTHING, like_rate
 from fedsim.metrics import accuracy, auc, auc_ci, logloss
 
@@ -96,20 +96,8 @@ def _fold_in(evaluate: pd.DataFrame, m: dict) -> tuple[torch.Tensor, torch.Tenso
     return pu.detach(), bu.detach()
 
 
-@contextlib.contextmanager
-def _single_thread():
-    # Ops on ~80k x 16 tensors gain little from intra-op threads, and on a busy 2-core machine
-    # (Ray workers alongside) thread spinning made training ~10x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _logistic_mf(train: pd.DataFrame, evaluate: pd.DataFrame, seed: int) -> np.ndarray:
-    with _single_thread():
+    with single_thread():
         return _score_mf(train, evaluate, seed)
 
 
@@ -136,16 +124,16 @@ def user_factors(m: dict, evaluate: pd.DataFrame) -> tuple[torch.Tensor, torch.T
 
 
 def fit_mf(train: pd.DataFrame, seed: int) -> dict:
-    """The logistic MF of the baselines fitted on `train` (one thread: see `_single_thread`), frozen.
+    """The logistic MF of the baselines fitted on `train` (one thread: see `single_thread`), frozen.
     Callers may be inside no_grad (a client evaluated before it trains): the fit turns grad on."""
-    with _single_thread(), torch.enable_grad():
+    with single_thread(), torch.enable_grad():
         return _fit_mf(train, seed)
 
 
 def mf_user_vectors(m: dict, rows: pd.DataFrame) -> torch.Tensor:
     """[rows, MF_DIM + 1]: each row's user representation under the frozen MF `m`, its user vector
     and bias (RecLoRA's h_u when model.personal.crm is mf)."""
-    with _single_thread():
+    with single_thread():
         p, b = user_factors(m, rows)
     return torch.cat([p, b[:, None]], 1).float()
 

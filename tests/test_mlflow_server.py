@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -27,19 +28,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """`mlflow server` on a free local port, sqlite store and served artifacts in tmp_path."""
+@contextmanager
+def serve_mlflow(db: Path, artifacts: Path, log_path: Path):
+    """`mlflow server` on a free local port over the sqlite store `db`, serving `artifacts`: (url, process)."""
     port = free_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    mlflow = Path(sys.executable).parent / "mlflow"
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen([str(mlflow), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-                             "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1",
-                             "--port", str(port), "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
+    log = open(log_path, "w")
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
+                             f"sqlite:///{db}", "--artifacts-destination", str(artifacts), "--host", "127.0.0.1",
+                             "--port", str(port), "--workers", "1"], stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     try:
-        yield url, proc
+        yield f"http://127.0.0.1:{port}", proc
     finally:
         proc.terminate()
         try:
@@ -49,16 +48,24 @@ def mlflow_server(tmp_path):
         log.close()
 
 
-def wait_healthy(url: str, proc, timeout: float = 120) -> None:
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """`mlflow server` on a free local port, sqlite store and served artifacts in tmp_path."""
+    with serve_mlflow(tmp_path / "server.db", tmp_path / "artifacts", tmp_path / "server.log") as served:
+        yield served
+
+
+def wait_healthy(url: str, proc=None, timeout: float = 120) -> None:
+    """Until the server at `url` answers its health check (`proc`: its process, when this one started it)."""
     t0 = time.time()
     while time.time() - t0 < timeout:
-        assert proc.poll() is None, "mlflow server exited; see server.log"
+        assert proc is None or proc.poll() is None, "mlflow server exited; see its log"
         try:
             if urllib.request.urlopen(f"{url}/health", timeout=2).read() == b"OK":
                 return
         except OSError:
             time.sleep(0.5)
-    raise AssertionError(f"mlflow server at {url} not healthy after {timeout} s")
+    raise AssertionError(f"mlflow server at {url} not healthy after {timeout} s; see its log")
 
 
 def rest(url: str, path: str, **query) -> dict:

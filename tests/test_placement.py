@@ -79,19 +79,6 @@ def on_a_cluster(out: Path, mlflow_url: str, kill: bool = True) -> None:
         (out / "result.json").write_text(json.dumps(result))
 
 
-def wait_healthy(url: str, timeout: float = 120) -> None:
-    import urllib.request
-
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        try:
-            if urllib.request.urlopen(f"{url}/health", timeout=2).read() == b"OK":
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError(f"mlflow server at {url} not healthy after {timeout} s; see mlflow-server.log")
-
-
 def sweep_as_a_job(cluster, workers: dict, dashboard: str, out: Path, mlflow_url: str) -> dict:
     """tuning/ci_nodes.yaml as a Ray job, its driver on the head; once a trial has checkpointed a
     round, the worker of `workers` that holds the most trial drivers is killed (a lost executor alone
@@ -106,6 +93,8 @@ def sweep_as_a_job(cluster, workers: dict, dashboard: str, out: Path, mlflow_url
     # this Python (the `fedsim` of an image with fedsim installed), in the checkout (--working-dir . elsewhere)
     entrypoint = (f"{sys.executable} -m fedsim.cli tune tuning/ci_nodes.yaml --tracking-uri {mlflow_url} "
                   f"--set output_dir={shared} --summary-json {out / 'sweep.json'}")
+    from test_mlflow_server import wait_healthy  # this file's own directory: pytest's and the script's path
+
     wait_healthy(mlflow_url)  # started by the test, alongside the cluster
     for _ in range(60):  # "No available agent" until the head's agent registers: retry the submission
         try:
@@ -186,22 +175,10 @@ def on_cluster(tmp_path_factory, mlflow_store):
 def mlflow_server(out: Path):
     """`mlflow server` on a free local port (its store and artifacts in `out`); the cluster script
     waits for it to be healthy, so both start at once."""
-    port = free_port()
-    log = open(out / "mlflow-server.log", "w")
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
-                             f"sqlite:///{out / 'mlflow.db'}", "--artifacts-destination", str(out / "artifacts"),
-                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    from test_mlflow_server import serve_mlflow
+
+    with serve_mlflow(out / "mlflow.db", out / "artifacts", out / "mlflow-server.log") as (url, _):
+        yield url
 
 
 def test_spread_puts_the_executors_on_different_nodes(on_cluster):

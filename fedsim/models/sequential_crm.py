@@ -16,12 +16,13 @@ thread) with a logistic loss, then frozen.
 """
 from __future__ import annotations
 
-import contextlib
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+
+from fedsim.core.threads import single_thread
 
 DIM = 16
 EPOCHS = 40
@@ -98,18 +99,6 @@ class SequentialCRM(torch.nn.Module):
         return (self.w(h).squeeze(-1) + self.item_bias(target).squeeze(-1) + (h * self.item(target)).sum(-1))
 
 
-@contextlib.contextmanager
-def _single_thread():
-    # Small tensors gain nothing from intra-op threads, and on a busy machine (Ray workers
-    # alongside) thread spinning slows them many times (as in fedsim.baselines).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _tensors(m: dict, rows: pd.DataFrame) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(history item indices [rows, length], liked flags, target indices); unknown items -> 0."""
     histories = id_history(m["train"], rows, m["length"])
@@ -134,7 +123,7 @@ def fit_sequential(train: pd.DataFrame, seed: int, length: int, epochs: int = EP
     items = pd.Index(train["item"].unique())
     cols = ["user", "item", "timestamp", "label", "title"]
     m = {"train": train[cols].reset_index(drop=True), "items": items, "length": length}
-    with _single_thread(), torch.enable_grad():  # callers may be inside no_grad (a client evaluated first)
+    with single_thread(), torch.enable_grad():  # callers may be inside no_grad (a client evaluated first)
         model = SequentialCRM(len(items), seed)
         hist, liked, target = _tensors(m, train)
         y = torch.tensor(train["label"].to_numpy(), dtype=torch.float32)
@@ -151,11 +140,11 @@ def fit_sequential(train: pd.DataFrame, seed: int, length: int, epochs: int = EP
 
 def sequential_scores(m: dict, rows: pd.DataFrame) -> np.ndarray:
     """p(like) of each row under the fitted CRM."""
-    with _single_thread(), torch.no_grad():
+    with single_thread(), torch.no_grad():
         return torch.sigmoid(m["model"](*_tensors(m, rows))).double().numpy()
 
 
 def sequential_user_vectors(m: dict, rows: pd.DataFrame) -> torch.Tensor:
     """[rows, DIM]: each row's h_u, its long ID history pooled by attention to its target item."""
-    with _single_thread(), torch.no_grad():
+    with single_thread(), torch.no_grad():
         return m["model"].pooled(*_tensors(m, rows)).float()
