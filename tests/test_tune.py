@@ -133,7 +133,8 @@ def test_sweep_under_tune_nested_mlflow_runs_and_resume(ray_local, tmp_path, mlf
     mlflow_store(tmp_path / "mlflow.db")  # its tables made (MLflow takes seconds to make them)
     path = write_sweep(tmp_path, grid={"clients.num": [2, 3], "privacy.client_dp.epsilon": [4, "inf"]},
                        set={"train.rounds": 2, "train.local_steps": 1, "executors.num": 1, "executors.num_cpus": 0.5,
-                            "output_dir": str(tmp_path / "runs")}, max_concurrent=2)
+                            # round 1 reports no auc to Tune (NaN until the first evaluation)
+                            "eval.every": 2, "output_dir": str(tmp_path / "runs")}, max_concurrent=2)
     first = run_sweep(str(path), tracking_uri=uri, log=lambda *a: None, stop_after_trials=2)
     assert first["interrupted"]
     before = {r["trial"]: r for r in first["trials"]}
@@ -164,7 +165,8 @@ def test_sweep_under_tune_nested_mlflow_runs_and_resume(ray_local, tmp_path, mlf
     by_trial = {int(r.data.tags["fedsim.trial"]): r for r in nested}
     for t, run in by_trial.items():
         assert run.info.status == "FINISHED"
-        for key in ("auc", "bytes_up", "train_loss", "round_seconds") + (("dp/epsilon",) if t in rows[dp]["trial"].tolist() else ()):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "auc")] == [1]  # eval.every 2
+        for key in ("bytes_up", "train_loss", "round_seconds") + (("dp/epsilon",) if t in rows[dp]["trial"].tolist() else ()):
             assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == [0, 1], (t, key)
     for t in finished_first:  # finished before the interruption: not run again
         assert by_trial[t].info.run_id == before[t]["mlflow_run_id"]

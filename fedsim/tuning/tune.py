@@ -18,6 +18,7 @@ its storage path), and MLflow a server rather than a sqlite file.
 from __future__ import annotations
 
 import json
+import math
 import re
 import signal
 import tempfile
@@ -121,7 +122,9 @@ def run_trial(config: dict, trials: list[dict], parent_run_id: str | None, sweep
         if "dp/epsilon" in metrics:
             row["dp_epsilon"] = float(metrics["dp/epsilon"])
         last.update(row)  # rounds without evaluation carry the last value of the metric forward
-        row = {**({metric: last[metric]} if metric in last else {}), **row, "round": round + 1}
+        # Tune refuses a result without the sweep's metric: NaN until the first evaluation (eval.every
+        # > 1; a scheduler that compares trials, asha, needs eval.every 1, checked in sweep.expand).
+        row = {metric: last.get(metric, math.nan), **row, "round": round + 1}
         # A scheduler stops a trial inside tune.report (SystemExit), also at its last round: report
         # that one after the run has written its summary and adapter.
         if round == cfg.train.rounds - 1:
