@@ -26,11 +26,12 @@ import pandas as pd
 import torch
 
 from fedsim.client.compiled import compile_decoder
-from fedsim.client.faults import claim, maybe_crash, maybe_slow
+from fedsim.client.faults import claim, maybe_slow
 from fedsim.client.schedule import client_lr
 from fedsim.client.seeds import client_seed
 from fedsim.client.trainers import Fused, LocalRun, adapter_class, local_loop, trainer_class
 from fedsim.client.trainers.base import batch_stream  # noqa: F401 (imported from here by older callers)
+from fedsim.core.faults import maybe_crash
 from fedsim.core.store import ClientStore, flat_to_opt_state, opt_state_to_flat
 from fedsim.data.prompt import prompt_template, render_prompts
 from fedsim.models.loader import load_base, quiet_transformers

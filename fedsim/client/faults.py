@@ -16,7 +16,6 @@ import os
 import time
 from pathlib import Path
 
-from fedsim.core.faults import maybe_crash  # noqa: F401 (the executor's crash injection)
 
 
 def claim_path(run_dir: Path, client: int, round: int) -> Path:
