@@ -106,10 +106,14 @@ def cmd_baselines(a) -> int:
 
 
 def cmd_compare(a) -> int:
-    from fedsim.compare import compare_runs, format_comparison
+    from fedsim.compare import compare_by_client, compare_runs, format_client_comparison, format_comparison
 
-    result = compare_runs(a.run_a, a.run_b, seed=a.seed, n_boot=a.boot)
-    print(format_comparison(result))
+    if a.by_client:
+        result = compare_by_client(a.run_a, a.run_b, seed=a.seed, n_boot=a.boot)
+        print(format_client_comparison(result))
+    else:
+        result = compare_runs(a.run_a, a.run_b, seed=a.seed, n_boot=a.boot)
+        print(format_comparison(result))
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=1, default=float))
     return 0
@@ -218,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("run_b", metavar="RUN_B", help="another run directory, or baseline:<name> (that baseline in RUN_A)")
     c.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     c.add_argument("--boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    c.add_argument("--by-client", action="store_true",
+                   help="fairness: each client's AUC, and the mean, worst client and gap, paired within clients")
     c.add_argument("--json", metavar="PATH", help="also write the comparison here")
     c.set_defaults(fn=cmd_compare)
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fedsim.metrics import auc, auc_ci, paired_auc_diff
-from fedsim.report import fmt_diff, fmt_interval, verdict
+from fedsim.metrics import auc, auc_ci, paired_auc_diff, paired_client_aucs
+from fedsim.report import fmt_diff, fmt_interval, fmt_signed, verdict
 
 KEY = ["user", "item", "timestamp"]
 BASELINE = "baseline:"
@@ -55,17 +55,18 @@ def load_predictions(run: str | Path) -> pd.DataFrame:
 
 
 def _shared_rows(a: str, b: str) -> tuple[pd.DataFrame, int, int]:
-    """(label, a, b) on the rows both sides scored, and how many rows each side has."""
+    """(label, a, b, client[, client_b]) on the rows both sides scored, and how many rows each side has."""
     pa = load_predictions(a)
     if b.startswith(BASELINE):
         col = "baseline/" + b[len(BASELINE):]
         if col not in pa.columns:
             have = ", ".join(BASELINE + c.split("/", 1)[1] for c in baseline_columns(pa)) or "none"
             raise ValueError(f"run {a} has no scores for {b} (baselines in its predictions.parquet: {have})")
-        rows = pa[["label", "prob", col]].dropna().set_axis(["label", "a", "b"], axis=1)
+        rows = pa[["label", "prob", col, "client"]].dropna().set_axis(["label", "a", "b", "client"], axis=1)
         return rows, len(pa), int(pa[col].notna().sum())
     pb = load_predictions(b)
-    joined = pa[KEY + ["label", "prob"]].merge(pb[KEY + ["label", "prob"]], on=KEY, suffixes=("_a", "_b"))
+    cols = KEY + ["label", "prob", "client"]
+    joined = pa[cols].merge(pb[cols], on=KEY, suffixes=("_a", "_b"))
     if not len(joined):
         raise ValueError(f"runs {a} and {b} share no evaluated rows (user, item, timestamp): compare runs made "
                          f"on the same data, split and eval.split")
@@ -73,8 +74,8 @@ def _shared_rows(a: str, b: str) -> tuple[pd.DataFrame, int, int]:
     if differ:
         raise ValueError(f"runs {a} and {b} label {differ} of their {len(joined)} shared rows differently "
                          f"(a different data.like_threshold?); their AUCs are not comparable")
-    rows = joined[["label_a", "prob_a", "prob_b"]].set_axis(["label", "a", "b"], axis=1)
-    return rows, len(pa), len(pb)
+    rows = joined[["label_a", "prob_a", "prob_b", "client_a", "client_b"]]
+    return rows.set_axis(["label", "a", "b", "client", "client_b"], axis=1), len(pa), len(pb)
 
 
 def compare_runs(a: str | Path, b: str | Path, seed: int = 0, n_boot: int = 1000) -> dict:
@@ -104,4 +105,46 @@ def format_comparison(r: dict) -> str:
     why = ("the interval excludes 0" if r["verdict"].endswith("better") else
            "the interval includes 0" if r["verdict"] == "within noise" else "no interval")
     lines.append(f"verdict: {r['verdict']} ({why}; 95 %, {r['n_boot']} paired bootstrap resamples, seed {r['seed']})")
+    return "\n".join(lines)
+
+
+def compare_by_client(a: str | Path, b: str | Path, seed: int = 0, n_boot: int = 1000) -> dict:
+    """Fairness across clients, A against B: each client's AUC under both, and the mean, the worst
+    client and the gap (max - min) with paired intervals (rows resampled within each client). Both
+    runs must have put every shared row in the same client (the same partition, so the same seed)."""
+    a, b = str(a), str(b)
+    rows, rows_a, rows_b = _shared_rows(a, b)
+    if "client_b" in rows:
+        moved = int((rows["client"] != rows["client_b"]).sum())
+        if moved:
+            raise ValueError(f"runs {a} and {b} put {moved} of their {len(rows)} shared rows in different clients "
+                             f"(a different partition, clients.num or train.seed?): a per-client comparison "
+                             f"needs the same clients; compare their pooled AUC without --by-client")
+    r = paired_client_aucs(rows["label"], rows["a"], rows["b"], rows["client"], seed=seed, n_boot=n_boot)
+    r["verdicts"] = {"mean": verdict(r["mean"], "A", "B"), "min": verdict(r["min"], "A", "B"),
+                     # a smaller gap is the fairer side
+                     "gap": verdict(r["gap"], "B", "A").replace("better", "fairer")}
+    return {**r, "a_run": a, "b_run": b, "rows_a": rows_a, "rows_b": rows_b, "seed": seed, "n_boot": n_boot}
+
+
+def format_client_comparison(r: dict) -> str:
+    def cell(v, lo, hi):
+        return f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
+
+    def dcell(d):
+        return f"{fmt_signed(d['diff'])} [{fmt_signed(d['low'])}, {fmt_signed(d['high'])}]"
+
+    lines = [f"A: {r['a_run']}", f"B: {r['b_run']}",
+             f"{'client':>15}  {'rows':>5}  {'A AUC':22}  {'B AUC':22}  A − B (paired)"]
+    for c in r["clients"]:
+        lines.append(f"{c['client']:>15}  {c['rows']:>5}  {cell(c['a'], c['a_low'], c['a_high']):22}  "
+                     f"{cell(c['b'], c['b_low'], c['b_high']):22}  {dcell(c)}")
+    for name, label in (("mean", "mean"), ("min", "worst client"), ("gap", "gap (max − min)")):
+        s = r[name]
+        lines.append(f"{label:>15}  {'':>5}  {cell(s['a'], s['a_low'], s['a_high']):22}  "
+                     f"{cell(s['b'], s['b_low'], s['b_high']):22}  {dcell(s)}  {r['verdicts'][name]}")
+    if r["skipped"]:
+        lines.append(f"left out (their rows hold one class): clients {', '.join(map(str, r['skipped']))}")
+    lines.append(f"95 % intervals, {r['n_boot']} bootstrap resamples within each client, seed {r['seed']}; "
+                 f"{r['rows']} shared rows (A has {r['rows_a']}, B {r['rows_b']})")
     return "\n".join(lines)

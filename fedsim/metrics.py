@@ -56,7 +56,7 @@ def _score_groups(scores: np.ndarray) -> tuple[np.ndarray, int]:
     return group.ravel(), int(group.max()) + 1 if len(group) else 0
 
 
-def _boot_chunks(n: int, n_boot: int, seed: int):
+def _boot_chunks(n: int, n_boot: int, seed):
     """Resampled row indices, (chunk, n) at a time; one seeded stream, so a metric and its rival
     scored with the same seed see the same resamples."""
     rng = np.random.default_rng(seed)
@@ -144,3 +144,62 @@ def paired_auc_diff(labels, scores_a, scores_b, seed: int = 0, n_boot: int = 100
     se = delong_diff_se(pos, a, b)
     p = math.erfc(abs(diff) / se / math.sqrt(2)) if se > 0 else float(diff == 0)
     return {"diff": float(diff), "low": low, "high": high, "se": se, "p_value": float(p), "rows": len(pos)}
+
+
+def _stat_summary(point_a: np.ndarray, point_b: np.ndarray, boot_a: np.ndarray, boot_b: np.ndarray,
+                  stat, level: float) -> dict[str, float]:
+    """One across-client statistic (mean, min, gap) of a and of b, and of a - b, with intervals."""
+    va, vb = stat(boot_a), stat(boot_b)
+    out = {"a": float(stat(point_a[:, None])[0]), "b": float(stat(point_b[:, None])[0])}
+    out["diff"] = out["a"] - out["b"]
+    out["a_low"], out["a_high"] = _percentiles(va, level)
+    out["b_low"], out["b_high"] = _percentiles(vb, level)
+    out["low"], out["high"] = _percentiles(va - vb, level)
+    return out
+
+
+CLIENT_STATS = {  # each maps (clients x resamples) AUCs to one value per resample
+    "mean": lambda x: np.nanmean(x, axis=0),
+    "min": lambda x: np.nanmin(x, axis=0),
+    "gap": lambda x: np.nanmax(x, axis=0) - np.nanmin(x, axis=0),
+}
+
+
+def paired_client_aucs(labels, scores_a, scores_b, clients, seed: int = 0, n_boot: int = 1000,
+                       level: float = 0.95) -> dict:
+    """Per-client AUCs of scorers a and b on the same rows, and what a fairness comparison reads from
+    them: the mean, the worst client (min) and the gap (max - min), each for a, b and a - b with a
+    percentile bootstrap interval. Rows are resampled within each client, the same resample for a
+    and b, so every resample keeps each client's row count and the comparison stays paired. A client
+    whose rows hold one class has no AUC and is left out (listed under `skipped`)."""
+    pos = np.asarray(labels).astype(bool).ravel()
+    a = np.asarray(scores_a, dtype=np.float64).ravel()
+    b = np.asarray(scores_b, dtype=np.float64).ravel()
+    clients = np.asarray(clients).ravel()
+    per, boot_a, boot_b, skipped = [], [], [], []
+    for c in np.unique(clients):
+        m = clients == c
+        pc, ac, bc = pos[m], a[m], b[m]
+        if pc.all() or not pc.any():
+            skipped.append(int(c))
+            continue
+        (ga, ka), (gb, kb) = _score_groups(ac), _score_groups(bc)
+        # A seed per client, so adding a client does not change the others' resamples.
+        pairs = [(_boot_auc(pc, ga, ka, idx), _boot_auc(pc, gb, kb, idx))
+                 for idx in _boot_chunks(int(m.sum()), n_boot, [seed, int(c)])]
+        boot_a.append(np.concatenate([p[0] for p in pairs]))
+        boot_b.append(np.concatenate([p[1] for p in pairs]))
+        row = {"client": int(c), "rows": int(m.sum()), "positives": int(pc.sum()), "a": auc(pc, ac), "b": auc(pc, bc)}
+        row["a_low"], row["a_high"] = _percentiles(boot_a[-1], level)
+        row["b_low"], row["b_high"] = _percentiles(boot_b[-1], level)
+        row["diff"] = row["a"] - row["b"]
+        row["low"], row["high"] = _percentiles(boot_a[-1] - boot_b[-1], level)
+        per.append(row)
+    if not per:
+        raise ValueError("no client's rows hold both classes: there is no per-client AUC to compare")
+    point_a, point_b = np.array([r["a"] for r in per]), np.array([r["b"] for r in per])
+    ba, bb = np.stack(boot_a), np.stack(boot_b)
+    out = {"clients": per, "skipped": skipped, "rows": int(sum(r["rows"] for r in per))}
+    for name, stat in CLIENT_STATS.items():
+        out[name] = _stat_summary(point_a, point_b, ba, bb, stat, level)
+    return out

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from fedsim.cli import main
-from fedsim.compare import compare_runs, paired_vs_baselines
+from fedsim.compare import compare_by_client, compare_runs, paired_vs_baselines
 from fedsim.metrics import auc
 from fedsim.report import summary_table
 from fedsim.simulation import write_predictions
@@ -100,6 +100,37 @@ def test_compare_errors_say_what_is_wrong(runs, tmp_path, capsys):
         compare_runs(good, relabelled)
     assert main(["compare", str(tmp_path / "missing"), str(good)]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_compare_by_client_finds_the_client_a_run_fails(tmp_path, capsys):
+    """B scores clients 0 and 1 as well as A and client 2 nearly at random: B's worst client and gap
+    are worse, and the per-client differences say where."""
+    df = rows(900)
+    fair = make_run(tmp_path / "fair", df, 0.3, 1)
+    unfair = make_run(tmp_path / "unfair", df, 0.3, 1)
+    preds = pd.read_parquet(unfair / "predictions.parquet")
+    on2 = preds["client"] == 2
+    preds.loc[on2, "prob"] = scorer(df[on2.to_numpy()], 4.0, 7).to_numpy()
+    preds.to_parquet(unfair / "predictions.parquet", index=False)
+
+    r = compare_by_client(fair, unfair, n_boot=400)
+    assert [c["client"] for c in r["clients"]] == [0, 1, 2] and r["rows"] == 900
+    same, hurt = r["clients"][0], r["clients"][2]
+    assert same["diff"] == 0 and same["low"] == 0 == same["high"]     # identical scores on client 0
+    assert hurt["diff"] > 0.2 and hurt["low"] > 0
+    assert r["min"]["b"] == hurt["b"] and r["min"]["low"] > 0 and r["verdicts"]["min"] == "A better"
+    assert r["gap"]["diff"] < 0 and r["verdicts"]["gap"] == "A fairer"
+    assert abs(r["mean"]["diff"] - hurt["diff"] / 3) < 1e-9 and r["verdicts"]["mean"] == "A better"
+    for s in ("mean", "min", "gap"):
+        assert r[s]["a_low"] <= r[s]["a"] <= r[s]["a_high"] and r[s]["low"] <= r[s]["diff"] <= r[s]["high"]
+
+    assert main(["compare", str(fair), str(unfair), "--by-client", "--boot", "300"]) == 0
+    text = capsys.readouterr().out
+    assert "worst client" in text and "A better" in text and "gap (max − min)" in text and "A fairer" in text
+
+    moved = make_run(tmp_path / "moved", df.assign(client=lambda d: (d["client"] + 1) % 3), 0.3, 1)
+    with pytest.raises(ValueError, match="put 900 of their 900 shared rows in different clients"):
+        compare_by_client(fair, moved)
 
 
 def test_predictions_file_joins_the_baselines_by_row_key(tmp_path):
