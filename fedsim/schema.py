@@ -288,7 +288,9 @@ class FaultsConfig:
     # Chaos testing: kill an actor's process once per run, to rehearse dropout, actor restarts and
     # resume. {round: r, client: c}: the executor serving `client` dies as it starts that client's
     # local training in round r; add `phase: eval` for its evaluation of round r instead.
-    # {round: r, actor: aggregator}: the aggregator dies as it starts aggregating round r.
+    # {round: r, actor: aggregator}: the aggregator dies as it starts aggregating round r;
+    # actor: split_server (storage.mode split) at round r's first training forward; actor:
+    # key_holder (privacy.he) as it is asked to decrypt round r's sum.
     crash: list[dict[str, Union[int, str]]] = field(default_factory=list)
     # Stragglers: a sampled client not back within this many seconds of the round's start is dropped
     # from that round; its late update is discarded, as is what it saved, so no later round uses it.
@@ -650,7 +652,7 @@ def validate(cfg: Config) -> Config:
     _check(pp.lr_max_scale >= 1, "strategy.pplr.lr_max_scale", pp.lr_max_scale, "must be >= 1")
     _check(0 < cfg.faults.quorum <= 1, "faults.quorum", cfg.faults.quorum, "must be in (0, 1]")
     for i, crash in enumerate(cfg.faults.crash):
-        _validate_crash(crash, f"faults.crash[{i}]", c.num)
+        _validate_crash(crash, f"faults.crash[{i}]", c.num, cfg)
     f = cfg.faults
     _check(f.round_timeout is None or f.round_timeout > 0, "faults.round_timeout", f.round_timeout,
            "must be > 0 seconds or null (wait for every client)")
@@ -666,12 +668,16 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-def _validate_crash(crash: dict, key: str, clients: int) -> None:
+def _validate_crash(crash: dict, key: str, clients: int, cfg: Config) -> None:
     _check(set(crash) in ({"round", "client"}, {"round", "client", "phase"}, {"round", "actor"}), key, crash,
            "needs the keys round and client (and optionally phase), or round and actor")
     _check(isinstance(crash["round"], int) and crash["round"] >= 0, f"{key}.round", crash["round"], "must be an integer >= 0")
     if "actor" in crash:
         _check(crash["actor"] in ACTORS, f"{key}.actor", crash["actor"], f"must be one of {', '.join(ACTORS)}")
+        _check(crash["actor"] != "split_server" or cfg.storage.mode == "split", f"{key}.actor", crash["actor"],
+               "needs storage.mode: split (the run has no split server otherwise)")
+        _check(crash["actor"] != "key_holder" or cfg.privacy.he.enabled, f"{key}.actor", crash["actor"],
+               "needs privacy.he.enabled: true (the run has no CKKS key holder otherwise)")
         return
     _check(isinstance(crash["client"], int) and 0 <= crash["client"] < clients, f"{key}.client", crash["client"],
            f"must be in [0, {clients})")

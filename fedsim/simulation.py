@@ -294,14 +294,15 @@ class Simulation:
         args = (to_dict(self.cfg), str(self.run_dir.resolve()), model_path)
         self.split_server, split_name = None, None
         if self.cfg.storage.mode == "split":  # PPLR flexible storage: the actor holding the middle layers
-            self.split_server, split_name, server_gpus = start_split_server(self.cfg, model_path, n, gpus)
+            self.split_server, split_name, server_gpus = start_split_server(self.cfg, model_path, n, gpus,
+                                                                            str(self.run_dir.resolve()))
             self.log(f"starting the split server actor (num_cpus={self.cfg.storage.server_num_cpus:g}, "
                      f"num_gpus={server_gpus:g}) for decoder layers [{self.cfg.storage.client_layers}, L-1)")
         self.key_holder, key_name = None, None
         if self.cfg.privacy.he.enabled:  # CKKS: the clients' joint key, outside the aggregator
             from fedsim.privacy.he import start_key_holder
 
-            self.key_holder, key_name = start_key_holder(self.cfg)
+            self.key_holder, key_name = start_key_holder(self.cfg, str(self.run_dir.resolve()))
         self.group = executor_group(self.cfg, n, cpus, gpus, self.log)  # executors.placement: pack or spread
         self._new_executor = lambda i: ray.remote(ClientExecutor).options(
             **options, **executor_placement(self.group, i)).remote(
@@ -351,13 +352,19 @@ class Simulation:
                         raise RuntimeError(f"executor {i} did not come back within {timeout:.0f} s")
                     time.sleep(0.5)
 
+    def _vital(self) -> dict[str, str]:
+        """{actor id: name} of the actors a round cannot go on without (the aggregator, the split
+        server, the CKKS key holder). An executor's call into one that died fails with that actor's
+        id (RayTaskError(ActorDiedError)), so a client's failure can be told from its executor's death."""
+        named = {"aggregator actor": self.aggregator, "split server actor": self.split_server,
+                 "CKKS key holder actor": self.key_holder}
+        # ActorHandle has no public id; _actor_id has been there since Ray 1.0.
+        return {a._actor_id.hex(): n for n, a in named.items() if a is not None}
+
     def _actor_lost(self, e: ray.exceptions.RayActorError, round: int) -> ActorLostError:
-        """A one-line stop naming the actor that died in `round` (the aggregator, the split server,
-        the CKKS key holder: actors whose state a round cannot go on without)."""
-        actors = {"executor actor " + str(i): a for i, a in enumerate(self.executors)}
-        actors.update({"aggregator actor": self.aggregator, "split server actor": self.split_server,
-                       "CKKS key holder actor": self.key_holder})
-        name = next((n for n, a in actors.items() if a is not None and a._actor_id.hex() == e.actor_id), "an actor")
+        """A one-line stop naming the actor that died in `round`."""
+        actors = {**{a._actor_id.hex(): f"executor actor {i}" for i, a in enumerate(self.executors)}, **self._vital()}
+        name = actors.get(e.actor_id, "an actor")
         return ActorLostError(f"round {round + 1}: the {name} died; the last checkpoint is intact (the round is "
                               f"redone from it). Resume with: fedsim run --resume {self.run_dir}")
 
@@ -384,6 +391,8 @@ class Simulation:
             except ray.exceptions.RayError as e:
                 if isinstance(e, StateFileError):  # a damaged store entry: stop and say which, not drop it every round
                     raise StateFileError(str(e.cause) if hasattr(e, "cause") else str(e)) from None
+                if isinstance(e, ray.exceptions.RayActorError) and e.actor_id in self._vital():
+                    raise self._actor_lost(e, round) from e  # every client would fail the same way
                 failures[client] = e
                 reason = "its executor died" if isinstance(e, ray.exceptions.RayActorError) else str(e).splitlines()[0]
                 self.log(f"\nround {round + 1}: client {client} dropped from {phase} ({reason})")
@@ -438,6 +447,8 @@ class Simulation:
         if timeout is not None:
             clear_claims(self.run_dir, sampled, round)  # an earlier attempt at this round (resumed) is void
         deadline = None if timeout is None else time.monotonic() + timeout
+        if self.split_server is not None:
+            ray.get(self.split_server.start_round.remote(round))
         pending = self._dispatch_train(round, sampled, refs, lrs)
         self.trained = sampled  # whose older store entries the round's checkpoint lets go
         done, failures = self._collect(pending, round, "train", progress, deadline)

@@ -41,11 +41,13 @@ def mlflow_store(tmp_path_factory):
 
 @pytest.fixture
 def tiny_cfg(tmp_path, mlflow_store):
-    """A tiny-random model on synthetic users: a full federated run in seconds on a CPU."""
+    """A tiny-random model on synthetic users: a full federated run in seconds on a CPU. Two pooled
+    executors by default (not tiny.yaml's actor per client): one actor fewer to start in every run;
+    a test about per-client actors sets executors.num=0."""
     from fedsim.config import load_config
 
     def make(*overrides):
-        cfg = load_config("configs/tiny.yaml", [f"output_dir={tmp_path / 'runs'}",
+        cfg = load_config("configs/tiny.yaml", [f"output_dir={tmp_path / 'runs'}", "executors.num=2",
                                                 f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", *overrides])
         if cfg.tracking.enabled and cfg.tracking.uri == f"sqlite:///{tmp_path / 'mlflow.db'}":
             mlflow_store(tmp_path / "mlflow.db")

@@ -107,7 +107,7 @@ def test_a_client_actor_killed_mid_round_is_dropped_and_restarted(crash_round0_r
 
 
 def test_too_few_clients_stops_with_a_clear_message_and_can_resume(ray_local, tiny_cfg):
-    cfg = tiny_cfg("faults.quorum=1.0", "faults.crash=[{round: 1, client: 0}]")
+    cfg = tiny_cfg("executors.num=0", "faults.quorum=1.0", "faults.crash=[{round: 1, client: 0}]")
     sim = Simulation(cfg, log=lambda *a: None)
     with pytest.raises(QuorumError, match=r"round 2: only 2 of 3 sampled clients reported, faults.quorum=1.0 needs 3"):
         sim.run()
@@ -127,7 +127,7 @@ def test_pool_of_executors_serves_virtual_clients(ray_local, tiny_cfg):
 
 
 def test_impossible_resources_fail_before_any_actor_starts(ray_local, tiny_cfg):
-    cfg = tiny_cfg("executors.num_cpus=3")
+    cfg = tiny_cfg("executors.num=0", "executors.num_cpus=3")
     with pytest.raises(ValueError, match=r"executors need 3 x executors.num_cpus=3.0 = 9 CPUs but the Ray cluster has 4"):
         run(cfg, log=lambda *a: None)
 

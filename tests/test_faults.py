@@ -36,7 +36,8 @@ def errors(stderr: str) -> list[str]:
 
 def test_crash_entries_are_checked():
     for entry, message in [("{round: 0, client: 1, phase: score}", r"faults\.crash\[0\]\.phase: 'score' must be one of train, eval"),
-                           ("{round: 0, actor: driver}", r"faults\.crash\[0\]\.actor: 'driver' must be one of aggregator"),
+                           ("{round: 0, actor: driver}", r"faults\.crash\[0\]\.actor: .driver. must be one of aggregator, split_server, key_holder"),
+                           ("{round: 0, actor: key_holder}", r"faults\.crash\[0\]\.actor: .key_holder. needs privacy\.he\.enabled: true"),
                            ("{round: 0, client: 1, actor: aggregator}", r"faults\.crash\[0\]: .* needs the keys round and client")]:
         with pytest.raises(ConfigError, match=message):
             load_config("configs/tiny.yaml", [f"faults.crash=[{entry}]"])
@@ -146,3 +147,40 @@ def test_the_aggregator_killed_mid_round_stops_the_run_and_resume_ends_as_withou
     pa, pb = (pd.read_parquet(Path(d) / "predictions.parquet") for d in (run_dir, faulty[0]["run_dir"]))
     assert pa[["user", "item", "timestamp"]].equals(pb[["user", "item", "timestamp"]])
     assert pa["prob"].to_numpy() == pytest.approx(pb["prob"].to_numpy(), abs=1e-6)
+
+
+def test_the_split_server_and_the_key_holder_killed_mid_round_stop_the_run_and_resume_ends_as_without_faults(
+        tmp_path, ray_local):
+    """Split storage and CKKS in one run (LoRA dropout on): the split server dies at round 2's first
+    training forward, the key holder when asked to decrypt round 3's sum. Each stops the run with one
+    line naming the actor and the round (not every client dropped as if its executor had died);
+    resumed twice, the run ends on the adapter and metrics of the same run without faults."""
+    sets = ["tracking.enabled=false", "storage.mode=split", "model.tiny_layers=3", "privacy.he.enabled=true", "train.rounds=3",
+            "executors.num=1", "model.lora.dropout=0.1", "eval.every=3"]
+    crash = "faults.crash=[{round: 1, actor: split_server}, {round: 2, actor: key_holder}]"
+    ref = run(load_config("configs/tiny.yaml", [f"output_dir={tmp_path / 'ref'}", *sets]), log=lambda *a: None)
+
+    calls = []
+
+    def cli(*argv):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            calls.append((main(["run", *argv]), err.getvalue()))
+
+    cli("configs/tiny.yaml", *[a for s in [f"output_dir={tmp_path / 'faulty'}", *sets, crash] for a in ("--set", s)])
+    run_dir = next((tmp_path / "faulty").iterdir())
+    cli("--resume", str(run_dir))
+    cli("--resume", str(run_dir))
+    resume = f"the last checkpoint is intact (the round is redone from it). Resume with: fedsim run --resume {run_dir}"
+    assert calls[0][0] == 2 and errors(calls[0][1]) == [f"fedsim: error: round 2: the split server actor died; {resume}"]
+    assert "dropped" not in calls[0][1]
+    assert calls[1][0] == 2 and errors(calls[1][1]) == [f"fedsim: error: round 3: the CKKS key holder actor died; {resume}"]
+    assert calls[2][0] == 0, calls[2][1]
+    # Lost: nothing; no client was ever dropped, and the end is the uninterrupted run's.
+    done, full = load_checkpoint(run_dir), load_checkpoint(Path(ref["run_dir"]))
+    assert done["dropped"] == full["dropped"] == []
+    assert [h["clients_reported"] for h in done["history"]] == [3, 3, 3]
+    for key in ("auc", "logloss", "train_loss"):
+        assert done["history"][-1][key] == pytest.approx(full["history"][-1][key], abs=1e-6), key
+    a, b = (load_file(Path(d) / "adapter" / "adapter_model.safetensors") for d in (run_dir, ref["run_dir"]))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

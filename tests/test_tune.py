@@ -100,7 +100,8 @@ def test_executors_take_their_bundles_of_the_trial_placement_group(ray_local, ti
     try:
         shape, where, error = ray.get(trial.options(num_cpus=total - 3, scheduling_strategy=PlacementGroupSchedulingStrategy(
             pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True)).remote(
-            tiny_cfg("clients.num=2", "executors.num_cpus=1.5"), tiny_cfg("clients.num=3", "executors.num_cpus=1.5")),
+            tiny_cfg("clients.num=2", "executors.num=0", "executors.num_cpus=1.5"),
+            tiny_cfg("clients.num=3", "executors.num=0", "executors.num_cpus=1.5")),
             timeout=180)
     finally:
         remove_placement_group(pg)

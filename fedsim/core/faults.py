@@ -2,15 +2,17 @@
 look. Here, below the client and the server, because executors and the aggregator both inject it.
 
 An entry is {round, client[, phase: train | eval]} (the executor serving `client` dies when it
-starts that client's local training or evaluation) or {round, actor: aggregator} (the aggregator
-dies when it starts folding in the round's updates).
+starts that client's local training or evaluation) or {round, actor: NAME}: the aggregator dies
+when it starts folding in the round's updates, the split server (`storage.mode: split`) at the
+round's first training forward, the CKKS key holder (`privacy.he`) when asked to decrypt the
+round's sum.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-ACTORS = ("aggregator",)
+ACTORS = ("aggregator", "split_server", "key_holder")
 PHASES = ("train", "eval")
 
 

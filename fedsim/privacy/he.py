@@ -27,6 +27,7 @@ import uuid
 import numpy as np
 import torch
 
+from fedsim.core.faults import maybe_crash
 from fedsim.core.hooks import Postprocessor
 from fedsim.core.update import ClientContext, RoundContext
 from fedsim.privacy.summed import one_update, weighted_with_weight
@@ -118,9 +119,11 @@ class KeyHolder:
     """The clients' shared CKKS key. Clients get the secret context, the aggregator the public one;
     the aggregator's encrypted sums come back decrypted."""
 
-    def __init__(self, poly_modulus_degree: int, scale_bits: int):
+    def __init__(self, poly_modulus_degree: int, scale_bits: int, crashes: list | None = None,
+                 run_dir: str | None = None):
         self._secret, self._public = make_keys(poly_modulus_degree, scale_bits)
         self._context = load(self._secret)
+        self.crashes, self.run_dir = crashes or [], run_dir  # faults.crash with actor: key_holder
 
     def client_context(self) -> bytes:
         return self._secret
@@ -128,11 +131,13 @@ class KeyHolder:
     def server_context(self) -> bytes:
         return self._public
 
-    def decrypt_sum(self, total: list[bytes], n: int) -> np.ndarray:
+    def decrypt_sum(self, total: list[bytes], n: int, round: int | None = None) -> np.ndarray:
+        if self.crashes:
+            maybe_crash(self.crashes, self.run_dir, round, actor="key_holder")
         return decrypt(self._context, total, n)
 
 
-def start_key_holder(cfg):
+def start_key_holder(cfg, run_dir: str | None = None):
     """(actor, its name): the run's key holder, found by name by the executors and the aggregator
     (a restarted executor finds it again); the caller keeps the handle, which keeps it alive. No
     CPU slot: it works only when a round is summed."""
@@ -140,7 +145,8 @@ def start_key_holder(cfg):
 
     name = f"fedsim-he-keys-{uuid.uuid4().hex[:12]}"
     he = cfg.privacy.he
-    return ray.remote(KeyHolder).options(name=name, num_cpus=0).remote(he.poly_modulus_degree, he.scale_bits), name
+    holder = ray.remote(KeyHolder).options(name=name, num_cpus=0)
+    return holder.remote(he.poly_modulus_degree, he.scale_bits, cfg.faults.crash, run_dir), name
 
 
 def _call(holder, method: str, *args):
@@ -193,7 +199,7 @@ class HEAggregation(Postprocessor):
             raise ValueError(f"he: round {ctx.round + 1}: uploads of different lengths {sorted({n for _, n in uploads})}")
         total = encrypted_sum(self._server_ctx, [cts for cts, _ in uploads])
         t_sum = time.perf_counter() - t0
-        plain = _call(self._holder(), "decrypt_sum", total, uploads[0][1])
+        plain = _call(self._holder(), "decrypt_sum", total, uploads[0][1], ctx.round)
         agg, weight_sum = one_update(plain, updates, ctx.round, "he", {"he/clients": [u.client for u in updates]})
         return [agg], {"he/seconds_server": t_sum, "he/seconds_decrypt": time.perf_counter() - t0 - t_sum,
                        "he/weight_sum": weight_sum}

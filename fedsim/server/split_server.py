@@ -16,6 +16,7 @@ import ray
 import torch
 from torch.func import functional_call
 
+from fedsim.core.faults import maybe_crash
 from fedsim.core.placement import SERVER_NODE_SHARE, bundle_placement
 from fedsim.models.loader import load_base, quiet_transformers
 from fedsim.models.lora import attach_lora
@@ -24,10 +25,12 @@ from fedsim.schema import ConfigError, config_from_dict, to_dict
 
 
 class SplitServer:
-    def __init__(self, config: dict, model_path: str, num_threads: int = 1):
+    def __init__(self, config: dict, model_path: str, num_threads: int = 1, run_dir: str | None = None):
         torch.set_num_threads(max(1, num_threads))
         quiet_transformers()
         cfg = config_from_dict(config)
+        # faults.crash with actor: split_server; the driver says which round starts (start_round).
+        self.crashes, self.run_dir, self.round = cfg.faults.crash, run_dir, None
         base, _ = load_base(model_path, cfg.model.dtype)
         # The same LoRA wrapping as the clients' models, so the layers' parameter names match.
         lm = attach_lora(base, cfg.model.lora, cfg.train.seed).get_base_model()
@@ -40,6 +43,9 @@ class SplitServer:
         self.device = next(self.middle.parameters()).device
         self.pending: dict[int, tuple] = {}
 
+    def start_round(self, round: int) -> None:
+        self.round = round
+
     def describe(self) -> dict[str, float]:
         n, b = param_count(self.middle.parameters())
         return {"split/server_params": n, "split/server_param_bytes": b, "split/server_device": str(self.device)}
@@ -50,6 +56,8 @@ class SplitServer:
         dropout masks' (training), from the client's generator."""
         if len(weights) != len(self.names):
             raise ValueError(f"split server: got {len(weights)} LoRA tensors, the middle layers have {len(self.names)}")
+        if train and self.run_dir:
+            maybe_crash(self.crashes, self.run_dir, self.round, actor="split_server")
         self.pending.pop(key, None)
         keep = need_h or any(need_lora)
         h = h.to(self.device).requires_grad_(need_h)
@@ -75,7 +83,7 @@ class SplitServer:
         return full[0], full[1:]
 
 
-def start_split_server(cfg, model_path: str, num_executors: int, executor_gpus: float):
+def start_split_server(cfg, model_path: str, num_executors: int, executor_gpus: float, run_dir: str | None = None):
     """(actor, its name, its GPU fraction): the server actor, checked to fit next to the executors;
     `storage.server_num_gpus: auto` gives it the same GPU fraction as one executor (counted as one
     more actor when the fraction is shared). Executors find it by name, so that one Ray restarts
@@ -100,4 +108,4 @@ def start_split_server(cfg, model_path: str, num_executors: int, executor_gpus: 
     actor = ray.remote(SplitServer).options(name=name, num_cpus=s.server_num_cpus, num_gpus=gpus, **node,
                                             max_restarts=cfg.executors.max_restarts, max_task_retries=0,
                                             **bundle_placement(num_executors + 1))  # in a `fedsim tune` trial: after the executors'
-    return actor.remote(to_dict(cfg), model_path, max(1, int(s.server_num_cpus))), name, gpus
+    return actor.remote(to_dict(cfg), model_path, max(1, int(s.server_num_cpus)), run_dir), name, gpus
