@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -125,3 +126,65 @@ def test_ctrl_c_then_sigkill_mid_round_then_resume_ends_like_an_uninterrupted_ru
         assert counted > 100
     tiny = tracked["tiny"].info.run_id
     assert client.get_metric_history(tiny, "auc")[-1].value == pytest.approx(full[-1]["auc"], abs=1e-6)
+
+
+# Server state that a SIGKILL must not tear: PPLR's per-client table on disk (written as rounds go,
+# ahead of the checkpoint) and in memory, secure aggregation's masks, fused execution.
+VARIANTS = {"pplr-disk-fused": ["strategy.name=pplr", "strategy.pplr.table=disk", "executors.fused=true"],
+            "pplr-memory": ["strategy.name=pplr", "strategy.pplr.table=memory"],
+            "secagg": ["privacy.secagg.enabled=true"]}
+
+
+def test_sigkill_mid_round_then_cli_resume_for_pplr_tables_secagg_and_fused(ray_local, tmp_path, mlflow_store):
+    """Each variant: a driver SIGKILLed mid-round 2 (held there by a straggler, as above), resumed
+    through the CLI, against the same run uninterrupted; all six drivers run at once (the tiny model's
+    work is small, their start-up overlaps)."""
+    from mlflow import MlflowClient
+
+    base = [*OVERRIDES[1:], "train.rounds=2"]  # LoRA dropout on; 2 rounds: the kill is in the last one
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", base)
+    hold = ["faults.round_timeout=600", f"faults.slow=[{{round: 1, client: {sample_clients(cfg, 1)[0]}}}]"]
+    sets = lambda *o: [x for v in o for x in ("--set", v)]  # noqa: E731
+    killed, refs = {}, {}
+    for name, extra in VARIANTS.items():
+        d = tmp_path / name
+        mlflow_store(d / "mlflow.db")
+        uri = ["--tracking-uri", f"sqlite:///{d / 'mlflow.db'}"]
+        killed[name] = cli(ray_local, d, str(ROOT / "configs" / "tiny.yaml"), *uri,
+                           *sets(f"output_dir={d / 'runs'}", *base, *extra, *hold))
+        refs[name] = cli(ray_local, d, str(ROOT / "configs" / "tiny.yaml"), *uri,
+                         *sets(f"output_dir={d / 'ref'}", "name=ref", *base, *extra))
+    resumed = {}
+    for name, proc in killed.items():
+        d = tmp_path / name
+        run_dir = wait_for_round(d / "runs", 0, proc, timeout=400)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=60)
+        assert load_checkpoint(run_dir)["round"] == 0
+        resumed[name] = (run_dir, cli(ray_local, d, "--resume", str(run_dir), "--tracking-uri", f"sqlite:///{d / 'mlflow.db'}",
+                                      "--force", *sets("faults.slow=[]")))
+    for name in VARIANTS:
+        run_dir, proc = resumed[name]
+        out, err = proc.communicate(timeout=400)
+        assert proc.returncode == 0, (name, err[-3000:])
+        _, ref_err = refs[name].communicate(timeout=400)
+        assert refs[name].returncode == 0, (name, ref_err[-3000:])
+        ref_dir = next((tmp_path / name / "ref").glob("ref-*"))
+        # The end is the uninterrupted run's: the global adapter, every client's scores, the metrics.
+        a = load_file(ref_dir / "adapter" / "adapter_model.safetensors")
+        b = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), name
+        pa, pb = (pd.read_parquet(p / "predictions.parquet") for p in (ref_dir, run_dir))
+        assert pa["prob"].to_numpy() == pytest.approx(pb["prob"].to_numpy(), abs=1e-6), name
+        history, full = load_checkpoint(run_dir)["history"], load_checkpoint(ref_dir)["history"]
+        for key in ("auc", "logloss", "train_loss"):
+            assert [h[key] for h in history] == pytest.approx([f[key] for f in full], abs=1e-6), (name, key)
+        # One MLflow run, continued: every round's metrics once.
+        client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / name / 'mlflow.db'}")
+        run = next(r for r in client.search_runs([client.get_experiment_by_name("fedsim").experiment_id])
+                   if r.info.run_name == "tiny")
+        assert run.info.status == "FINISHED"
+        for key in run.data.metrics:
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+            assert len(steps) == len(set(steps)), (name, key, steps)
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train_loss")) == [0, 1], name
