@@ -74,7 +74,16 @@ def rest(url: str, path: str, **query) -> dict:
     return json.loads(urllib.request.urlopen(f"{url}/api/2.0/mlflow/{path}?{urlencode(query)}", timeout=30).read())
 
 
+def fedsim_cli(ray_local, cwd: Path, *args) -> subprocess.Popen:
+    """A `fedsim` command in a process of its own, a driver on the test session's Ray instance."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    return subprocess.Popen([sys.executable, "-m", "fedsim.cli", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 def test_tiny_run_against_mlflow_server_read_back_over_rest(ray_local, tiny_cfg, mlflow_server, tmp_path):
+    """Also concurrency: a second `fedsim run` and a `fedsim tune` sweep write to the same server
+    at the same time; every metric of every run is there exactly once."""
     from mlflow import MlflowClient
 
     from fedsim.simulation import run
@@ -82,8 +91,27 @@ def test_tiny_run_against_mlflow_server_read_back_over_rest(ray_local, tiny_cfg,
     url, proc = mlflow_server
     cfg = tiny_cfg("tracking.experiment=fedsim")
     wait_healthy(url, proc)
+    others = [fedsim_cli(ray_local, tmp_path, "run", str(ROOT / "configs" / "tiny.yaml"), "--tracking-uri", url,
+                         "--set", f"output_dir={tmp_path / 'other'}", "--set", "name=other", "--set", "executors.num=2"),
+              fedsim_cli(ray_local, ROOT, "tune", "tuning/ci_small.yaml", "--tracking-uri", url,
+                         "--set", f"output_dir={tmp_path / 'sweep'}")]
     summary = run(cfg, tracking_uri=url, log=lambda *a: None)
     run_id = summary["mlflow_run_id"]
+    for p in others:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    client = MlflowClient(tracking_uri=url)
+    runs = client.search_runs([client.get_experiment_by_name("fedsim").experiment_id])
+    names = sorted(r.info.run_name for r in runs)
+    assert len(runs) == 5 and {"tiny", "other", "sweep ci_small"} <= set(names), names
+    for r in runs:
+        assert r.info.status == "FINISHED", r.info.run_name
+        for key in r.data.metrics:
+            steps = [m.step for m in client.get_metric_history(r.info.run_id, key)]
+            assert len(steps) == len(set(steps)), (r.info.run_name, key, steps)
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    assert len(trials) == 2 and all(sorted(m.step for m in client.get_metric_history(t.info.run_id, "auc")) == [0]
+                                    for t in trials)
 
     exp = rest(url, "experiments/get-by-name", experiment_name="fedsim")["experiment"]
     assert {"key": "mlflow.experimentKind", "value": "custom_model_development"} in exp["tags"]
