@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OVERRIDES = ["train.rounds=3", "model.lora.dropout=0.1", "clients.per_round=2", "executors.num=1"]
 
 
-def cli(ray_local, cwd, *args) -> subprocess.Popen:
+def cli(ray_local, cwd, *args, command=("run",)) -> subprocess.Popen:
     """`fedsim run ...` in its own process, a driver joining the test session's Ray instance
     (one Ray instance per machine: a second local one would collide with it)."""
     # Token auth as the session's instance has it: fedsim's init_ray sends the token when it finds one.
@@ -33,7 +33,7 @@ def cli(ray_local, cwd, *args) -> subprocess.Popen:
     # cwd: MLflow puts a sqlite store's artifacts under ./mlruns.
     # SIGINT back to its default in the child: a shell without job control starts background jobs
     # (e.g. `pytest &` in a script) with SIGINT ignored, and Python then keeps ignoring it (no Ctrl+C).
-    return subprocess.Popen([sys.executable, "-m", "fedsim.cli", "run", *args], cwd=cwd, env=env,
+    return subprocess.Popen([sys.executable, "-m", "fedsim.cli", *command, *args], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
@@ -90,15 +90,18 @@ def test_ctrl_c_then_sigkill_mid_round_then_resume_ends_like_an_uninterrupted_ru
     assert proc.returncode == -signal.SIGKILL
     assert load_checkpoint(run_dir)["round"] == 1
 
-    # The last resume, and meanwhile a second run of its own, both writing to the one sqlite store.
+    # The last resume, and meanwhile a second run of its own and a Tune sweep, all writing to the
+    # one sqlite store.
     proc = cli(ray_local, tmp_path, "--resume", str(run_dir), *common, "--force", *sets("faults.slow=[]"))
     other = cli(ray_local, tmp_path, str(ROOT / "configs" / "tiny.yaml"), *common,
                 *[x for o in [f"output_dir={tmp_path / 'other'}", "name=other", *OVERRIDES] for x in ("--set", o)])
+    sweep = cli(ray_local, ROOT, *common, *sets(f"output_dir={tmp_path / 'sweep'}"), command=("tune", "tuning/ci_small.yaml"))
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     assert f"run directory: {run_dir}" in out
-    _, other_err = other.communicate(timeout=300)
-    assert other.returncode == 0, other_err[-3000:]
+    for p in (other, sweep):
+        _, p_err = p.communicate(timeout=300)
+        assert p.returncode == 0, p_err[-3000:]
 
     # The interrupted run ends on the uninterrupted one's adapter and metrics, round by round.
     full_dir = next((tmp_path / "other").glob("other-*"))
@@ -110,20 +113,23 @@ def test_ctrl_c_then_sigkill_mid_round_then_resume_ends_like_an_uninterrupted_ru
     for h, f in zip(history, full):
         for key in ("auc", "logloss", "accuracy", "train_loss"):
             assert h[key] == pytest.approx(f[key], abs=1e-6), (h["round"], key)
-    # The interrupted run is one MLflow run, continued; it and the concurrent one hold every metric
-    # of every round exactly once.
+    # The interrupted run is one MLflow run, continued; it, the concurrent one and the sweep's runs
+    # hold every metric of every round exactly once.
     client = MlflowClient(tracking_uri=uri)
-    tracked = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("fedsim").experiment_id])}
-    assert sorted(tracked) == ["other", "tiny"] and all(r.info.status == "FINISHED" for r in tracked.values())
-    for r in tracked.values():
-        counted = 0
+    everything = client.search_runs([client.get_experiment_by_name("fedsim").experiment_id])
+    assert len(everything) == 5 and all(r.info.status == "FINISHED" for r in everything)  # + parent, 2 trials
+    for r in everything:
         for key in r.data.metrics:
             steps = [m.step for m in client.get_metric_history(r.info.run_id, key)]
             assert len(steps) == len(set(steps)), (r.info.run_name, key, steps)
-            counted += len(steps)
+    trials = [r for r in everything if r.data.tags.get("mlflow.parentRunId")]
+    assert len(trials) == 2 and all([m.step for m in client.get_metric_history(t.info.run_id, "auc")] == [0] for t in trials)
+    tracked = {r.info.run_name: r for r in everything if r.info.run_name in ("tiny", "other")}
+    assert len(tracked) == 2
+    for r in tracked.values():
         for key in ("train_loss", "auc", "round_seconds"):
             assert sorted(m.step for m in client.get_metric_history(r.info.run_id, key)) == [0, 1, 2], key
-        assert counted > 100
+        assert len(r.data.metrics) > 30
     tiny = tracked["tiny"].info.run_id
     assert client.get_metric_history(tiny, "auc")[-1].value == pytest.approx(full[-1]["auc"], abs=1e-6)
 
