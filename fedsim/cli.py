@@ -106,11 +106,16 @@ def cmd_baselines(a) -> int:
 
 
 def cmd_compare(a) -> int:
-    from fedsim.compare import compare_by_client, compare_runs, format_client_comparison, format_comparison
+    from fedsim.compare import (compare_by_client, compare_runs, format_client_comparison, format_comparison,
+                                plot_client_comparisons)
 
+    if a.plot and not a.by_client:
+        raise ValueError("--plot draws the per-client comparison: add --by-client")
     if a.by_client:
         result = compare_by_client(a.run_a, a.run_b, seed=a.seed, n_boot=a.boot)
         print(format_client_comparison(result))
+        if a.plot:
+            print(f"plot: {plot_client_comparisons([result], a.plot)}")
     else:
         result = compare_runs(a.run_a, a.run_b, seed=a.seed, n_boot=a.boot)
         print(format_comparison(result))
@@ -224,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
     c.add_argument("--by-client", action="store_true",
                    help="fairness: each client's AUC, and the mean, worst client and gap, paired within clients")
+    c.add_argument("--plot", metavar="PNG", help="with --by-client: each client's AUC under A and B, as a picture")
     c.add_argument("--json", metavar="PATH", help="also write the comparison here")
     c.set_defaults(fn=cmd_compare)
 
@@ -246,6 +252,10 @@ def main(argv: list[str] | None = None) -> int:
         return _err(str(e))
     except FileNotFoundError as e:
         if a.command in ("compare", "tune"):  # a run or sweep directory named on the command line
+            return _err(str(e))
+        raise
+    except ValueError as e:
+        if a.command == "compare":  # two runs that cannot be compared: nothing ran, nothing to trace
             return _err(str(e))
         raise
 

@@ -148,3 +148,39 @@ def format_client_comparison(r: dict) -> str:
     lines.append(f"95 % intervals, {r['n_boot']} bootstrap resamples within each client, seed {r['seed']}; "
                  f"{r['rows']} shared rows (A has {r['rows_a']}, B {r['rows_b']})")
     return "\n".join(lines)
+
+
+def plot_client_comparisons(results: list[dict], path: str | Path, a_label: str = "A", b_label: str = "B",
+                            titles: list[str] | None = None) -> Path:
+    """One panel per `compare_by_client` result (e.g. one per seed): each client's AUC under A and B
+    with its 95 % interval, then the mean and the worst client; the panel's title gives the gap of
+    each side and the paired difference of the gaps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results) + 0.8, 4.2), sharey=True, squeeze=False)
+    for k, (ax, r) in enumerate(zip(axes[0], results)):
+        cells = [(str(c["client"]), c["a"], c["a_low"], c["a_high"], c["b"], c["b_low"], c["b_high"]) for c in r["clients"]]
+        cells += [(name, r[key]["a"], r[key]["a_low"], r[key]["a_high"], r[key]["b"], r[key]["b_low"], r[key]["b_high"])
+                  for key, name in (("mean", "mean"), ("min", "worst"))]
+        x = np.arange(len(cells))
+        for j, (label, off) in enumerate(((a_label, -0.15), (b_label, 0.15))):
+            v, lo, hi = (np.array([c[1 + 3 * j + i] for c in cells]) for i in range(3))
+            ax.errorbar(x + off, v, yerr=np.nan_to_num([v - lo, hi - v]), fmt="o", capsize=3, color=f"C{j}",
+                        label=label if k == 0 else None)
+        ax.axvline(len(r["clients"]) - 0.5, color="grey", lw=0.8)
+        ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+        ax.set_xticks(x, [c[0] for c in cells])
+        g = r["gap"]
+        head = f"{titles[k]}\n" if titles else ""
+        ax.set_title(f"{head}gap {a_label} {g['a']:.3f}, {b_label} {g['b']:.3f}; "
+                     f"diff {fmt_signed(g['diff'])} [{fmt_signed(g['low'])}, {fmt_signed(g['high'])}]", fontsize=9)
+        ax.set_xlabel("client")
+    axes[0][0].set_ylabel("test AUC (95 % interval)")
+    axes[0][0].legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

@@ -124,9 +124,13 @@ def test_compare_by_client_finds_the_client_a_run_fails(tmp_path, capsys):
     for s in ("mean", "min", "gap"):
         assert r[s]["a_low"] <= r[s]["a"] <= r[s]["a_high"] and r[s]["low"] <= r[s]["diff"] <= r[s]["high"]
 
-    assert main(["compare", str(fair), str(unfair), "--by-client", "--boot", "300"]) == 0
+    png = tmp_path / "clients.png"
+    assert main(["compare", str(fair), str(unfair), "--by-client", "--boot", "300", "--plot", str(png)]) == 0
     text = capsys.readouterr().out
     assert "worst client" in text and "A better" in text and "gap (max − min)" in text and "A fairer" in text
+    assert f"plot: {png}" in text and png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 10_000
+    assert main(["compare", str(fair), str(unfair), "--plot", str(png)]) == 2
+    assert "--plot draws the per-client comparison: add --by-client" in capsys.readouterr().err
 
     moved = make_run(tmp_path / "moved", df.assign(client=lambda d: (d["client"] + 1) % 3), 0.3, 1)
     with pytest.raises(ValueError, match="put 900 of their 900 shared rows in different clients"):
