@@ -1,7 +1,7 @@
 """fedsim bench: training throughput of the three ways fedsim runs clients, on one workload.
 
     fedsim bench [--model tiny-random] [--seq 128] [--batch 8] [--clients 8] [--steps 4] [--rounds 3]
-                 [--modes actors,pool,fused] [--pool K] [--fused-rows N] [--compile] [--flower] [--out bench.json]
+                 [--modes actors,pool,fused] [--pool K] [--fused-rows N] [--compile] [--flower] [--out bench.json] [--plot bench.png]
 
     # the issue-6 GPU workload (SmolLM2-135M shape, seq 256, client batch 8, 64 clients per round):
     fedsim bench --model smollm2-135m-shape --seq 256 --batch 8 --clients 64 --steps 4 --rounds 3 \
@@ -74,6 +74,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--peak-tflops", type=float, default=None, help="GPU peak for MFU (default: by GPU name)")
     p.add_argument("--flower", action="store_true", help="also run the workload under Flower's simulation engine")
     p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--plot", metavar="PNG", help="draw tokens/s (as a ratio to the pool) and peak memory per mode here")
     p.add_argument("--keep", action="store_true", help="keep the run directories (printed)")
 
 
@@ -215,6 +216,33 @@ def table(rows: list[dict], dev: dict) -> str:
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(c) for c in out])
 
 
+def plot(rows: list[dict], dev: dict, workload: dict, path: str) -> None:
+    """Two panels, one bar per mode: tokens/s with its ratio to the pool mode written on the bar (ratios
+    measured in one run are what a CPU can say), and the executors' peak memory added up."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["mode"] for r in rows]
+    pool = next((r["tokens_per_s"] for r in rows if r["mode"] == "pool"), rows[0]["tokens_per_s"])
+    fig, (ax, mem) = plt.subplots(1, 2, figsize=(9, 3.8))
+    bars = ax.bar(names, [r["tokens_per_s"] for r in rows], color=[f"C{i}" for i in range(len(rows))])
+    for b, r in zip(bars, rows):
+        ax.annotate(f"{r['tokens_per_s'] / pool:.2f}×", (b.get_x() + b.get_width() / 2, b.get_height()),
+                    ha="center", va="bottom", fontsize=9)
+    ax.set(ylabel="trained tokens / s", title="throughput (× the pool mode)")
+    shown = [r for r in rows if r.get("peak_bytes")]
+    mem.bar([r["mode"] for r in shown], [r["peak_bytes"] / 2**30 for r in shown],
+            color=[f"C{names.index(r['mode'])}" for r in shown])
+    mem.set(ylabel="GiB", title="executors' peak memory, summed")
+    fig.suptitle(f"{dev['device']}: {workload['model']}, {workload['clients']} clients × {workload['steps']} steps × "
+                 f"batch {workload['batch']}, seq {workload['seq']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def run(a) -> int:
     import ray
 
@@ -275,6 +303,9 @@ def run(a) -> int:
     if a.out:
         Path(a.out).write_text(json.dumps({"workload": workload, "device": dev, "modes": rows,
                                            "flower": flower}, indent=1, default=float))
+    if a.plot:
+        plot(shown, dev, workload, a.plot)
+        print(f"plot: {a.plot}")
     if a.keep:
         print(f"run directories under {work}")
     else:

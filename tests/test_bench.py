@@ -9,7 +9,7 @@ from fedsim.cli import main
 def test_bench_prints_a_row_per_mode_with_positive_figures(ray_local, tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", "--clients", "2", "--batch", "2", "--seq", "32", "--steps", "1", "--rounds", "2",
-                 "--fused-executors", "1", "--out", str(out)]) == 0
+                 "--fused-executors", "1", "--out", str(out), "--plot", str(tmp_path / "bench.png")]) == 0
     text = capsys.readouterr().out
     for mode, executors in (("actors", 2), ("pool", 2), ("fused", 1)):
         row = re.search(rf"^{mode}\s+(\d+)\s+([\d,]+)\s+([\d,.]+)\s+([\d,.]+)\s+n/a\s+([\d.]+) (MiB|GiB)\s+([\d.]+) %\s+(\d+)$",
@@ -19,6 +19,7 @@ def test_bench_prints_a_row_per_mode_with_positive_figures(ray_local, tmp_path, 
         assert float(row[2].replace(",", "")) > 0 and float(row[3].replace(",", "")) > 0 and float(row[4]) > 0
         assert float(row[5]) > 0 and 0 <= float(row[7]) <= 100 and 0 < int(row[8]) <= 32
     assert "MFU: n/a" in text
+    assert f"plot: {tmp_path / 'bench.png'}" in text and (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
     result = json.loads(out.read_text())
     assert [r["mode"] for r in result["modes"]] == ["actors", "pool", "fused"]
     for r in result["modes"]:
