@@ -28,9 +28,8 @@ import torch
 from fedsim.client.compiled import compile_decoder
 from fedsim.client.faults import claim, maybe_slow
 from fedsim.client.schedule import client_lr
-from fedsim.client.seeds import client_seed
+from fedsim.client.seeds import AUDIT_STREAM, HOLDOUT_STREAM, INTERIM_EVAL_STREAM, client_seed
 from fedsim.client.trainers import Fused, LocalRun, adapter_class, local_loop, trainer_class
-from fedsim.client.trainers.base import batch_stream  # noqa: F401 (imported from here by older callers)
 from fedsim.core.faults import maybe_crash
 from fedsim.core.store import ClientStore, flat_to_opt_state, opt_state_to_flat
 from fedsim.data.prompt import prompt_template, render_prompts
@@ -108,7 +107,7 @@ class ClientExecutor:
         if n == 0 or n == len(rows):
             return rows, rows.iloc[:0]
         held = np.zeros(len(rows), dtype=bool)
-        held[np.random.default_rng(client_seed(self.cfg.train.seed, client, 10**6 + 2)).choice(len(rows), n, replace=False)] = True
+        held[np.random.default_rng(client_seed(self.cfg.train.seed, client, HOLDOUT_STREAM)).choice(len(rows), n, replace=False)] = True
         return rows[~held].reset_index(drop=True), rows[held].reset_index(drop=True)
 
     def _batch(self, rows: pd.DataFrame) -> dict:
@@ -227,7 +226,7 @@ class ClientExecutor:
         self.adapter.load(params, self.store.latest(client) if self.adapter.needs_saved() else None)
         rows = self._rows(client, split)
         if max_rows is not None and len(rows) > max_rows:
-            pick = np.random.default_rng(client_seed(self.cfg.train.seed, client, 10**6 + 1)).choice(len(rows), max_rows, replace=False)
+            pick = np.random.default_rng(client_seed(self.cfg.train.seed, client, INTERIM_EVAL_STREAM)).choice(len(rows), max_rows, replace=False)
             rows = rows.iloc[np.sort(pick)].reset_index(drop=True)
         self.adapter.begin_eval()
         # Rows of similar length are batched together (less padding to compute; a row's score does
@@ -264,7 +263,7 @@ class ClientExecutor:
         held = holdout if len(holdout) else unused if len(unused) else pd.concat([self._rows(client, "valid"), self._rows(client, "test")])
         same_users = held[held["user"].isin(members["user"])]
         held = same_users if len(same_users) else held
-        rng = np.random.default_rng(client_seed(self.cfg.train.seed, client, 10**6))
+        rng = np.random.default_rng(client_seed(self.cfg.train.seed, client, AUDIT_STREAM))
         out = {"client": client}
         for name, df in (("member", members), ("nonmember", held)):
             if len(df) > max_rows:
