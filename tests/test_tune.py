@@ -33,11 +33,25 @@ def write_sweep(tmp_path, **fields):
     ({"metric": "auroc"}, "metric: 'auroc' is not one of auc"),
     ({"scheduler": "asha", "set": {"eval.every": 2}}, "eval.every must be 1, trial 0 has eval.every=2"),
     ({"trial_cpus": 0}, "trial_cpus: 0.0 must be > 0"),
+    ({"grid": {"clients.num, train.local_steps": [[1, 8], [2]]}},
+     "grid.clients.num, train.local_steps: [2] must be a list of 2 values, one for each of clients.num, train.local_steps"),
+    ({"grid": {"clients.num, train.local_stesp": [[1, 8]]}}, "unknown config key 'train.local_stesp'"),
+    ({"grid": {"clients.num, train.seed": [[1, 8]]}, "seeds": [0]}, "'train.seed' is given 2 times"),
 ])
 def test_sweep_file_errors_name_the_bad_key(tmp_path, fields, message):
     path = write_sweep(tmp_path, **fields)
     with pytest.raises(ConfigError, match=re.escape(message)):
         expand(parse_sweep(path), path)
+
+
+def test_keys_that_move_together_are_one_grid_entry(tmp_path):
+    # An equal sample budget across client counts: local steps shrink as clients grow.
+    path = write_sweep(tmp_path, grid={"clients.num, train.local_steps": [[1, 8], [2, 4], [4, 2]],
+                                       "partition.method": ["iid", "kmeans"]})
+    trials = expand(parse_sweep(path), path)
+    assert [(t.cfg.clients.num, t.cfg.train.local_steps, t.cfg.partition.method) for t in trials] == [
+        (1, 8, "iid"), (1, 8, "kmeans"), (2, 4, "iid"), (2, 4, "kmeans"), (4, 2, "iid"), (4, 2, "kmeans")]
+    assert set(trials[0].params) == {"clients.num", "train.local_steps", "partition.method"}
 
 
 def test_cli_reports_a_bad_sweep_before_starting_anything(tmp_path, capsys):
@@ -250,3 +264,9 @@ def test_epsilon_plots_draw_intervals_seeds_baselines_and_the_attack(tmp_path):
         assert path == tmp_path / name and imread(path).shape[:2] == (495, 770)  # 7 x 4.5 in at 110 dpi
     # No audit in any trial (mia_auc NaN): no attack plot rather than an empty one.
     assert plot_mia([{**r, "mia_auc": math.nan} for r in rows], keys, tmp_path / "none.png") is None
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in __import__("pathlib").Path("tuning").glob("*.yaml")))
+def test_every_shipped_sweep_file_expands_into_valid_trials(path):
+    """A recipe in tuning/ that no longer matches the config schema fails here, not hours into a sweep."""
+    assert expand(parse_sweep(path), path)

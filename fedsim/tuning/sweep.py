@@ -8,6 +8,9 @@ A sweep names a base config and the keys to vary (dotted config keys, as for `--
     grid:                            # every combination
       privacy.client_dp.epsilon: [1, 4, inf]
       clients.num: [2, 4, 8]
+      # keys that move together: one comma-separated entry, each value one list (here: the same
+      # rows trained per round whatever the client count)
+      clients.num, train.local_steps: [[1, 32], [4, 8], [16, 2]]
     random:                          # optional: num_samples draws, each run at every grid point
       num_samples: 2
       seed: 0
@@ -140,13 +143,28 @@ def parse_sweep(path: str | Path) -> Sweep:
     return sweep
 
 
+def grid_keys(entry: str) -> list[str]:
+    """A grid entry's keys: `a` or, for keys that move together, `a, b`."""
+    return [k.strip() for k in entry.split(",")]
+
+
+def _grid_values(entry: str, value) -> dict[str, Any]:
+    return dict(zip(grid_keys(entry), value if "," in entry else [value]))
+
+
 def _validate(s: Sweep, p: Path) -> None:
     if not s.name or "/" in s.name:
         raise _fail(p, f"name: {s.name!r} must be a non-empty name without '/'")
-    for key, values in s.grid.items():
-        check_key(key, f"sweep file {str(p)!r}: grid")
+    for entry, values in s.grid.items():
+        keys = grid_keys(entry)
+        for key in keys:
+            check_key(key, f"sweep file {str(p)!r}: grid")
         if not values:
-            raise _fail(p, f"grid.{key}: needs at least one value")
+            raise _fail(p, f"grid.{entry}: needs at least one value")
+        for v in values if len(keys) > 1 else []:
+            if not isinstance(v, list) or len(v) != len(keys):
+                raise _fail(p, f"grid.{entry}: {v!r} must be a list of {len(keys)} values, one for each of "
+                               f"{', '.join(keys)}")
     for key in s.set:
         check_key(key, f"sweep file {str(p)!r}: set")
     r = s.random
@@ -167,7 +185,7 @@ def _validate(s: Sweep, p: Path) -> None:
                 raise _fail(p, f"{where}.{kind}: {args!r} must be [low, high] with low < high")
             if kind == "loguniform" and args[0] <= 0:
                 raise _fail(p, f"{where}.loguniform: {args!r} needs low > 0")
-    varied = [*s.grid, *(r.params if r else {})] + (["train.seed"] if s.seeds else [])
+    varied = [k for e in s.grid for k in grid_keys(e)] + [*(r.params if r else {})] + (["train.seed"] if s.seeds else [])
     for key in set(varied) | set(s.set):
         n = varied.count(key) + (key in s.set)
         if n > 1:
@@ -206,7 +224,8 @@ def points(s: Sweep) -> list[dict[str, Any]]:
     for draw in draws:
         for combo in combos:
             for seed in s.seeds or [None]:
-                point = {**dict(zip(s.grid, combo)), **draw}
+                point = {k: v for e, value in zip(s.grid, combo) for k, v in _grid_values(e, value).items()}
+                point.update(draw)
                 if seed is not None:
                     point["train.seed"] = seed
                 out.append({k: math.inf if k in EPSILON_KEYS and is_off(v) else v for k, v in point.items()})
