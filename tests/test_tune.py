@@ -2,6 +2,7 @@
 and nested runs, an interrupted sweep resumed."""
 import math
 import re
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -266,7 +267,7 @@ def test_epsilon_plots_draw_intervals_seeds_baselines_and_the_attack(tmp_path):
     assert plot_mia([{**r, "mia_auc": math.nan} for r in rows], keys, tmp_path / "none.png") is None
 
 
-@pytest.mark.parametrize("path", sorted(str(p) for p in __import__("pathlib").Path("tuning").glob("*.yaml")))
+@pytest.mark.parametrize("path", sorted(str(p) for p in Path("tuning").glob("*.yaml")))
 def test_every_shipped_sweep_file_expands_into_valid_trials(path):
     """A recipe in tuning/ that no longer matches the config schema fails here, not hours into a sweep."""
     assert expand(parse_sweep(path), path)
