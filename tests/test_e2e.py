@@ -132,13 +132,14 @@ def test_impossible_resources_fail_before_any_actor_starts(ray_local, tiny_cfg):
         run(cfg, log=lambda *a: None)
 
 
-def test_comparison_notebook_runs_on_a_real_store(ray_local, tiny_cfg, monkeypatch):
+def test_comparison_notebook_runs_on_a_real_store(ray_local, tiny_cfg, monkeypatch, tmp_path):
     """notebooks/compare_runs.ipynb: its code cells, run in order against a store made by two runs."""
     cfg = tiny_cfg("train.rounds=1")
     run(cfg, log=lambda *a: None)
-    run(tiny_cfg("train.rounds=1", "clients.per_round=2", "name=second"), log=lambda *a: None)
+    run(tiny_cfg("train.rounds=1", "strategy.name=pplr", "name=second"), log=lambda *a: None)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", cfg.tracking.uri)
     nb = json.loads(Path("notebooks/compare_runs.ipynb").read_text())
+    monkeypatch.chdir(tmp_path)  # where the notebook writes its figures
     ns: dict = {}
     for cell in nb["cells"]:
         if cell["cell_type"] == "code":
@@ -147,3 +148,8 @@ def test_comparison_notebook_runs_on_a_real_store(ray_local, tiny_cfg, monkeypat
     assert len(table) == 2 and set(table["run"]) == {"tiny", "second"}
     assert table["auc"].between(0, 1).all() and (table["MiB_up"] > 0).all()
     assert all(len(x) == 3 for x in table["per_client_auc"])
+    # The fairness section pairs the PPLR run with the FedAvg one on the same clients.
+    ((title, res),) = ns["fairness"]
+    assert title == "second vs tiny" and [c["client"] for c in res["clients"]] == [0, 1, 2]
+    assert res["clients"][0]["a_low"] <= res["clients"][0]["a"] <= res["clients"][0]["a_high"]
+    assert (tmp_path / "fairness.png").read_bytes()[:4] == b"\x89PNG"
