@@ -162,7 +162,8 @@ def plot_client_comparisons(results: list[dict], path: str | Path, a_label: str 
 
     fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results) + 0.8, 4.2), sharey=True, squeeze=False)
     for k, (ax, r) in enumerate(zip(axes[0], results)):
-        cells = [(str(c["client"]), c["a"], c["a_low"], c["a_high"], c["b"], c["b_low"], c["b_high"]) for c in r["clients"]]
+        cells = [(f"{c['client']}\n{c['rows']} rows", c["a"], c["a_low"], c["a_high"], c["b"], c["b_low"], c["b_high"])
+                 for c in r["clients"]]
         cells += [(name, r[key]["a"], r[key]["a_low"], r[key]["a_high"], r[key]["b"], r[key]["b_low"], r[key]["b_high"])
                   for key, name in (("mean", "mean"), ("min", "worst"))]
         x = np.arange(len(cells))
