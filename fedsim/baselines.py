@@ -39,25 +39,71 @@ def _index(values, vocab: pd.Index) -> torch.Tensor:
     return torch.from_numpy(vocab.get_indexer(values).astype(np.int64))
 
 
-def _fit_mf(train: pd.DataFrame, seed: int) -> dict:
-    gen = torch.Generator().manual_seed(seed)
-    users, items = pd.Index(train["user"].unique()), pd.Index(train["item"].unique())
-    u, i = _index(train["user"], users), _index(train["item"], items)
+ITEM_SIDE = ("q", "bi", "b")  # what a federated MF shares; the user side (p, bu) stays on the client
+
+
+def _mf_steps(m: dict, train: pd.DataFrame, trained: tuple[str, ...], steps: int) -> None:
+    """`steps` full-batch Adam steps on `train` of the parameters named in `trained` (in place)."""
+    u, i = _index(train["user"], m["users"]), _index(train["item"], m["items"])
     y = torch.tensor(train["label"].to_numpy(), dtype=torch.float32)
-    m = {"p": 0.1 * torch.randn(len(users), MF_DIM, generator=gen),
-         "q": 0.1 * torch.randn(len(items), MF_DIM, generator=gen),
-         "bu": torch.zeros(len(users)), "bi": torch.zeros(len(items)), "b": torch.zeros(1)}
-    params = [t.requires_grad_() for t in m.values()]
+    params = [m[k].requires_grad_() for k in trained]
     opt = torch.optim.Adam(params, lr=MF_LR, weight_decay=MF_WEIGHT_DECAY)
-    for _ in range(MF_EPOCHS):  # full batch: ~80k rows fit easily and the result is deterministic
+    for _ in range(steps):  # full batch: ~80k rows fit easily and the result is deterministic
         opt.zero_grad()
         logit = m["b"] + m["bu"][u] + m["bi"][i] + (m["p"][u] * m["q"][i]).sum(-1)
         F.binary_cross_entropy_with_logits(logit, y).backward()
         opt.step()
-    m = {k: t.detach() for k, t in m.items()}
-    m["users"], m["items"] = users, items
-    m["item_of_title"] = train.drop_duplicates("title").set_index("title")["item"]
+    for k in trained:
+        m[k] = m[k].detach()
+
+
+def _new_users(train: pd.DataFrame, gen: torch.Generator) -> dict:
+    users = pd.Index(train["user"].unique())
+    return {"users": users, "p": 0.1 * torch.randn(len(users), MF_DIM, generator=gen), "bu": torch.zeros(len(users))}
+
+
+def _fit_mf(train: pd.DataFrame, seed: int, items: dict | None = None) -> dict:
+    """The logistic MF on `train`; with `items` (a shared item side: q, bi, b and their index) only
+    the user side is fitted, against those items frozen."""
+    gen = torch.Generator().manual_seed(seed)
+    m = _new_users(train, gen)
+    if items is None:
+        index = pd.Index(train["item"].unique())
+        m.update({"items": index, "q": 0.1 * torch.randn(len(index), MF_DIM, generator=gen),
+                  "bi": torch.zeros(len(index)), "b": torch.zeros(1),
+                  "item_of_title": train.drop_duplicates("title").set_index("title")["item"]})
+        _mf_steps(m, train, ("p", "q", "bu", "bi", "b"), MF_EPOCHS)
+    else:
+        m.update({k: items[k] for k in (*ITEM_SIDE, "items", "item_of_title")})
+        _mf_steps(m, train, ("p", "bu"), MF_EPOCHS)
     return m
+
+
+def fit_mf_federated(clients: list[pd.DataFrame], seed: int, rounds: int, local_steps: int) -> dict:
+    """FedAvg over the logistic MF's item side (item factors q, item biases bi, the global bias b),
+    averaged weighted by rows; each client's user factors and biases never leave it. Every round each
+    client starts from the shared item side and its own user side and takes `local_steps` full-batch
+    Adam steps (fresh moments: the server sends parameters only). The item index is the union of the
+    clients' items (a catalogue, public). Returns the shared item side; a client's users are then
+    fitted against it frozen (`fit_mf(train, seed, items=...)`)."""
+    with single_thread(), torch.enable_grad():
+        gen = torch.Generator().manual_seed(seed)
+        catalogue = pd.concat([c[["item", "title"]] for c in clients]).drop_duplicates("item").sort_values("item")
+        index = pd.Index(catalogue["item"].to_numpy())
+        shared = {"q": 0.1 * torch.randn(len(index), MF_DIM, generator=gen), "bi": torch.zeros(len(index)),
+                  "b": torch.zeros(1)}
+        users = [_new_users(c, gen) for c in clients]
+        weights = torch.tensor([len(c) for c in clients], dtype=torch.float32)
+        weights = weights / weights.sum()
+        for _ in range(rounds):
+            uploads = []
+            for c, own in zip(clients, users):
+                m = {**own, **{k: v.clone() for k, v in shared.items()}, "items": index}
+                _mf_steps(m, c, ("p", "bu", *ITEM_SIDE), local_steps)
+                own["p"], own["bu"] = m["p"], m["bu"]
+                uploads.append([m[k] for k in ITEM_SIDE])
+            shared = {k: sum(w * up[j] for w, up in zip(weights, uploads)) for j, k in enumerate(ITEM_SIDE)}
+        return {**shared, "items": index, "item_of_title": catalogue.drop_duplicates("title").set_index("title")["item"]}
 
 
 def _history_pairs(evaluate: pd.DataFrame, m: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -102,7 +148,11 @@ def _logistic_mf(train: pd.DataFrame, evaluate: pd.DataFrame, seed: int) -> np.n
 
 
 def _score_mf(train: pd.DataFrame, evaluate: pd.DataFrame, seed: int) -> np.ndarray:
-    m = _fit_mf(train, seed)
+    return mf_scores(_fit_mf(train, seed), evaluate)
+
+
+def mf_scores(m: dict, evaluate: pd.DataFrame) -> np.ndarray:
+    """p(like) of each row under the fitted MF `m` (unknown users folded in, unknown items at 0)."""
     ie = _index(evaluate["item"], m["items"])
     seen_item, ie = (ie >= 0).float(), ie.clamp(min=0)
     p, b_u = user_factors(m, evaluate)
@@ -115,19 +165,23 @@ def user_factors(m: dict, evaluate: pd.DataFrame) -> tuple[torch.Tensor, torch.T
     seen in training keep their trained factors, the others the fold-in estimate from the row's
     own history (fitted with the item factors frozen)."""
     ue = _index(evaluate["user"], m["users"])
-    seen_user, ue = ue >= 0, ue.clamp(min=0)
+    seen_user = ue >= 0
     if bool(seen_user.all()):  # no fold-in needed (e.g. a client's own train rows)
         return m["p"][ue], m["bu"][ue]
     with torch.enable_grad():  # callers may score under no_grad; the fold-in is a small fit
         pu, bu = _fold_in(evaluate, m)
+    if not bool(seen_user.any()):  # none trained (an MF fitted on no user of these rows)
+        return pu, bu
+    ue = ue.clamp(min=0)
     return torch.where(seen_user[:, None], m["p"][ue], pu), torch.where(seen_user, m["bu"][ue], bu)
 
 
-def fit_mf(train: pd.DataFrame, seed: int) -> dict:
-    """The logistic MF of the baselines fitted on `train` (one thread: see `single_thread`), frozen.
-    Callers may be inside no_grad (a client evaluated before it trains): the fit turns grad on."""
+def fit_mf(train: pd.DataFrame, seed: int, items: dict | None = None) -> dict:
+    """The logistic MF of the baselines fitted on `train` (one thread: see `single_thread`), frozen;
+    with `items`, only its users against that shared item side (`fit_mf_federated`). Callers may be
+    inside no_grad (a client evaluated before it trains): the fit turns grad on."""
     with single_thread(), torch.enable_grad():
-        return _fit_mf(train, seed)
+        return _fit_mf(train, seed, items)
 
 
 def mf_user_vectors(m: dict, rows: pd.DataFrame) -> torch.Tensor:

@@ -136,6 +136,12 @@ class PersonalConfig:
     crm_history: int = 60
     # false: each client's router is private (kept in its store entry); true: uploaded and averaged with the bank.
     share_router: bool = False
+    # crm mf: local = each client fits its own MF on its own rows (nothing leaves the client; the default);
+    # federated = FedAvg over the MF's item side (item factors and biases), user factors local, for crm_rounds
+    # rounds before the LLM stage (fedsim.baselines.fit_mf_federated); each client then fits its users against it.
+    crm_training: Literal["local", "federated"] = "local"
+    # crm_training federated: FedAvg rounds of the MF (5 local full-batch steps each).
+    crm_rounds: int = 20
 
 
 @dataclass
@@ -694,6 +700,9 @@ def _validate_personal(cfg: Config) -> None:
     _check(p.temperature > 0, "model.personal.temperature", p.temperature, "must be > 0")
     _check(p.router_hidden >= 0, "model.personal.router_hidden", p.router_hidden, "must be >= 0 (0 = a linear router)")
     _check(p.crm_history >= 1, "model.personal.crm_history", p.crm_history, "must be >= 1")
+    _check(p.crm_rounds >= 1, "model.personal.crm_rounds", p.crm_rounds, "must be >= 1")
+    _check(p.crm_training == "local" or p.crm == "mf", "model.personal.crm_training", p.crm_training,
+           f"needs model.personal.crm mf (a federated {p.crm!r} CRM is not built)")
 
 
 def _validate_unlearning(cfg: Config) -> None:

@@ -51,6 +51,9 @@ def prepared(prepare_run):
     (["model.personal.bank=2", "model.personal.share_router=true", "privacy.dp_lora.enabled=true"],
      "model.personal.share_router: True cannot be combined with privacy.dp_lora"),
     (["model.personal.bank=2", "unlearning.shards=2"], "model.personal.bank: 2 replaces the peft adapter"),
+    (["model.personal.bank=2", "model.personal.crm=sequential", "model.personal.crm_training=federated"],
+     "model.personal.crm_training: 'federated' needs model.personal.crm mf"),
+    (["model.personal.bank=2", "model.personal.crm_rounds=0"], "model.personal.crm_rounds: 0 must be >= 1"),
 ])
 def test_bad_or_incompatible_personal_settings_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -173,7 +176,7 @@ LEARNS = ["data.synthetic.generosity=3.0", "data.synthetic.num_users=120", "data
           "train.schedule=cosine", "train.warmup=0.1"]
 
 
-@pytest.mark.parametrize("crm", ["mf", "sequential"])
+@pytest.mark.parametrize("crm", ["mf", "sequential", "mf-federated"])
 def test_a_federated_bank_learns(tiny_cfg, tmp_path, crm):
     """3 clients, 5 FedAvg rounds of the bank (4 meta-LoRAs) with private routers, fedsim's client
     and server code in one process (`fedsim.inprocess`). Measured (mf): test AUC 0.87 and train loss
@@ -182,7 +185,9 @@ def test_a_federated_bank_learns(tiny_cfg, tmp_path, crm):
     from fedsim.inprocess import train_in_process
     from fedsim.metrics import auc
 
-    cfg = tiny_cfg(*LEARNS, *BANK, f"model.personal.crm={crm}")
+    crm_keys = ["model.personal.crm=mf", "model.personal.crm_training=federated"] if crm == "mf-federated" else \
+        [f"model.personal.crm={crm}"]
+    cfg = tiny_cfg(*LEARNS, *BANK, *crm_keys)
     ex, strategy, losses, _ = train_in_process(cfg, tmp_path / "run")
     results = [ex.evaluate(c, strategy.params_for(c), "test") for c in range(cfg.clients.num)]
     score = auc(np.concatenate([r["labels"] for r in results]), np.concatenate([r["probs"] for r in results]))
@@ -231,6 +236,39 @@ def test_the_sequential_crm_learns_and_gives_each_user_a_seeded_vector():
     assert gaps.min() > 1e-4  # every pair of users apart
     assert torch.equal(h, sequential_user_vectors(fit_sequential(train, seed=0, length=60), held))  # seeded
     assert not torch.equal(h, sequential_user_vectors(fit_sequential(train, seed=1, length=60), held))
+
+
+def test_a_federated_mf_shares_the_item_side_and_helps_clients_that_see_little():
+    """12 clients of 5 users each: alone, a client sees too few ratings per item to learn items; FedAvg
+    over the item side (user factors local) learns them from everyone. Measured: held-out AUC of the
+    clients' own later rows, pooled over clients, federated 0.843 vs local 0.628 (central MF 0.842)."""
+    from fedsim.baselines import fit_mf, fit_mf_federated, mf_scores
+    from fedsim.data.samples import build_samples
+    from fedsim.data.synthetic import make_synthetic
+    from fedsim.metrics import auc
+
+    ratings, items = make_synthetic(num_users=60, num_items=80, ratings_per_user=20, num_clusters=3, seed=0)
+    s = build_samples(ratings, items, history_len=5)
+    s["client"] = s["user"].rank(method="dense").astype(int) % 12
+    train, held = s[s["split"] == "train"], s[s["split"] != "train"]
+    clients = [train[train["client"] == c] for c in range(12)]
+    shared = fit_mf_federated(clients, seed=0, rounds=20, local_steps=5)
+    assert set(shared) == {"q", "bi", "b", "items", "item_of_title"}  # no user factor is shared
+    assert len(shared["items"]) == train["item"].nunique()
+    assert torch.equal(shared["q"], fit_mf_federated(clients, seed=0, rounds=20, local_steps=5)["q"])  # seeded
+
+    def pooled(fit):
+        labels, scores = [], []
+        for c, rows in enumerate(clients):
+            h = held[held["client"] == c]
+            labels.append(h["label"].to_numpy())
+            scores.append(mf_scores(fit(rows), h))
+        return auc(np.concatenate(labels), np.concatenate(scores))
+
+    federated = pooled(lambda rows: fit_mf(rows, 0, items=shared))
+    local = pooled(lambda rows: fit_mf(rows, 0))
+    print(f"MF CRM on 12 small clients: held-out AUC federated {federated:.3f}, local {local:.3f}")
+    assert federated > local + 0.1 and federated > 0.75
 
 
 def test_a_long_id_history_holds_only_earlier_rows():

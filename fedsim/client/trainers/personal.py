@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fedsim.baselines import MF_DIM, fit_mf, mf_user_vectors
+from fedsim.baselines import MF_DIM, fit_mf, fit_mf_federated, mf_user_vectors
 from fedsim.client.trainers.base import Adapter
 from fedsim.core.capabilities import Capable
 from fedsim.models import sequential_crm
@@ -34,6 +34,7 @@ from fedsim.models.layout import lora_sites
 from fedsim.models.lora import MODE_ROLES, set_flat
 
 CRM_CACHE = 64  # clients whose fitted CRM an executor keeps in memory (a refit costs ~0.1 s; sequential ~1-5 s)
+FED_MF_LOCAL_STEPS = 5  # crm_training federated: full-batch steps per client and round (x crm_rounds ~ MF_EPOCHS)
 # Each CRM: (fit on a client's train rows, h_u of rows under the fit, h_u's size).
 CRMS = {"mf": (lambda train, p, seed: fit_mf(train, seed), mf_user_vectors, MF_DIM + 1),
         "sequential": (lambda train, p, seed: sequential_crm.fit_sequential(train, seed, p.crm_history),
@@ -57,6 +58,7 @@ class Personal(Adapter):
         self.fit_crm, self.user_vectors, dim = CRMS[p.crm]
         self.router = Router(dim, p.bank, p.router_hidden, p.temperature, cfg.train.seed).to(device)
         self.crms: dict[int, dict] = {}
+        self._items = None  # crm_training federated: the shared item side, computed on first use
         self.entropy: list[float] = []  # per batch of the local run
         self.eval_entropy: list[np.ndarray] = []  # per row of an evaluation
         return self.bank.layout(MODE_ROLES[cfg.strategy.lora_mode], self.router,
@@ -70,8 +72,23 @@ class Personal(Adapter):
             if len(self.crms) >= CRM_CACHE:
                 self.crms.pop(next(iter(self.crms)))
             cfg = self.host.cfg
-            self.crms[client] = self.fit_crm(self.host._train_rows(client)[0], cfg.model.personal, cfg.train.seed)
+            train = self.host._train_rows(client)[0]
+            if cfg.model.personal.crm_training == "federated":
+                self.crms[client] = fit_mf(train, cfg.train.seed, items=self.shared_items())
+            else:
+                self.crms[client] = self.fit_crm(train, cfg.model.personal, cfg.train.seed)
         return self.crms[client]
+
+    def shared_items(self) -> dict:
+        """crm_training federated: the MF's item side after FedAvg over every client's train rows. A
+        seeded pure function of the data, so each executor computes the same one (once, ~0.1 s a
+        client and round) instead of shipping it; it is the stage before the LLM's rounds."""
+        if self._items is None:
+            cfg = self.host.cfg
+            rows = [self.host._train_rows(c)[0] for c in range(cfg.clients.num)]
+            self._items = fit_mf_federated([r for r in rows if len(r)], cfg.train.seed,
+                                           cfg.model.personal.crm_rounds, FED_MF_LOCAL_STEPS)
+        return self._items
 
     def alpha(self, rows: pd.DataFrame) -> torch.Tensor:
         """[rows, N_m] router weights of each row's user (rows of one client)."""
