@@ -162,7 +162,7 @@ def plot_client_comparisons(results: list[dict], path: str | Path, a_label: str 
 
     fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results) + 0.8, 4.2), sharey=True, squeeze=False)
     for k, (ax, r) in enumerate(zip(axes[0], results)):
-        cells = [(f"{c['client']}\n{c['rows']} rows", c["a"], c["a_low"], c["a_high"], c["b"], c["b_low"], c["b_high"])
+        cells = [(f"{c['client']}\n{c['rows']}", c["a"], c["a_low"], c["a_high"], c["b"], c["b_low"], c["b_high"])
                  for c in r["clients"]]
         cells += [(name, r[key]["a"], r[key]["a_low"], r[key]["a_high"], r[key]["b"], r[key]["b_low"], r[key]["b_high"])
                   for key, name in (("mean", "mean"), ("min", "worst"))]
@@ -178,7 +178,7 @@ def plot_client_comparisons(results: list[dict], path: str | Path, a_label: str 
         head = f"{titles[k]}\n" if titles else ""
         ax.set_title(f"{head}gap {a_label} {g['a']:.3f}, {b_label} {g['b']:.3f}; "
                      f"diff {fmt_signed(g['diff'])} [{fmt_signed(g['low'])}, {fmt_signed(g['high'])}]", fontsize=9)
-        ax.set_xlabel("client")
+        ax.set_xlabel("client (test rows)")
     axes[0][0].set_ylabel("test AUC (95 % interval)")
     axes[0][0].legend(fontsize=8, loc="lower left")
     fig.tight_layout()
