@@ -297,7 +297,7 @@ def test_artifacts_are_a_heatmap_and_a_csv(tmp_path):
 def test_compare_config_loads_for_both_rules():
     cfg = load_config("configs/pplr_compare.yaml")
     assert cfg.strategy.name == "fedavg" and cfg.partition.method == "kmeans" and cfg.clients.num == 5
-    assert cfg.model.name == "smollm2-135m" and cfg.data.max_eval_rows == 250
+    assert cfg.model.name == "smollm2-135m" and cfg.data.max_eval_rows == 1000 and cfg.train.rounds == 10
     pplr = load_config("configs/pplr_compare.yaml", ["strategy.name=pplr", "train.seed=2"])
     assert isinstance(make_strategy(pplr), PPLR) and pplr.train.seed == 2
 
