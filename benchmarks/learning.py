@@ -145,10 +145,9 @@ def paired_between(a: dict, b: dict) -> dict:
 
 def cmd_plot(a) -> None:
     """AUC with its interval against training samples, one line per file, the baselines as bands."""
-    import matplotlib
+    from fedsim.report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     runs = [(Path(f).stem, json.loads(Path(f).read_text())) for f in a.files]

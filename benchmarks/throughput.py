@@ -219,10 +219,9 @@ def table(rows: list[dict], dev: dict) -> str:
 def plot(rows: list[dict], dev: dict, workload: dict, path: str) -> None:
     """Two panels, one bar per mode: tokens/s with its ratio to the pool mode written on the bar (ratios
     measured in one run are what a CPU can say), and the executors' peak memory added up."""
-    import matplotlib
+    from fedsim.report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = [r["mode"] for r in rows]
     pool = next((r["tokens_per_s"] for r in rows if r["mode"] == "pool"), rows[0]["tokens_per_s"])

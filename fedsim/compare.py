@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from fedsim.metrics import auc, auc_ci, paired_auc_diff, paired_client_aucs
-from fedsim.report import fmt_diff, fmt_interval, fmt_signed, verdict
+from fedsim.report import fmt_diff, fmt_interval, fmt_signed, pyplot, verdict
 
 KEY = ["user", "item", "timestamp"]
 BASELINE = "baseline:"
@@ -155,10 +155,7 @@ def plot_client_comparisons(results: list[dict], path: str | Path, a_label: str 
     """One panel per `compare_by_client` result (e.g. one per seed): each client's AUC under A and B
     with its 95 % interval, then the mean and the worst client; the panel's title gives the gap of
     each side and the paired difference of the gaps."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results) + 0.8, 4.2), sharey=True, squeeze=False)
     for k, (ax, r) in enumerate(zip(axes[0], results)):

@@ -127,13 +127,20 @@ def summary_table(summary: dict) -> str:
     return console.export_text() + paired + balance + "\n" + traffic + "\n" + audit
 
 
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend: runs, sweeps and benchmarks draw PNGs, never windows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def plot_client_auc(history: list[dict], clients: int, path: Path) -> Path | None:
     """Per-client AUC over rounds (left) and at the end (right)."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
     except ImportError:
         return None
     evals = [h for h in history if "auc" in h]
@@ -171,10 +178,7 @@ def plot_client_bars(history: list[dict], clients: int, metric: str, path: Path,
     if not ids:
         return None
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
     except ImportError:
         return None
     last = evals[-1]
@@ -200,10 +204,7 @@ def plot_learning_curve(history: list[dict], baselines: dict, path: Path) -> Pat
     """Pooled AUC (with its 95 % interval) against the training rows seen so far, the baselines as
     dashed lines with their interval bands. None with fewer than two evaluations."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
     except ImportError:
         return None
     seen = np.cumsum([h.get("train_samples", 0.0) for h in history])

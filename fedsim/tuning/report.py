@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fedsim.report import fmt_seconds
+from fedsim.report import fmt_seconds, pyplot
 from fedsim.simulation import load_checkpoint
 from fedsim.tuning.sweep import EPSILON_KEYS, METRICS
 
@@ -133,15 +133,6 @@ def _mean_by_x(rows: list[dict], x_of, ys: tuple[str, ...]) -> tuple[list[float]
     return xs, {y: [float(np.mean([r[y] for r in rows if x_of(r) == x])) for x in xs] for y in ys}
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _plot_vs_epsilon(rows: list[dict], keys: list[str], path: Path, y: str, ci: tuple[str, str], ylabel: str,
                      title: str, band: tuple[str, str] | None = None, lines: dict | None = None) -> Path | None:
     """`y` against epsilon, one line per setting of the other keys: the mean over seeds with bars for
@@ -157,7 +148,7 @@ def _plot_vs_epsilon(rows: list[dict], keys: list[str], path: Path, y: str, ci: 
     finite = [x_of(r) for r in rows if x_of(r) != math.inf]
     inf_at = 4 * max(finite) if finite else 1.0
     at = lambda x: inf_at if x == math.inf else x  # noqa: E731
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     groups = _series(rows, keys, target or "epsilon")
     for j, (label, grp) in enumerate(groups.items()):
@@ -206,7 +197,7 @@ def plot_clients(rows: list[dict], keys: list[str], auc_path: Path, wall_path: P
     rows = [r for r in rows if r["auc"] == r["auc"]]
     if "clients.num" not in keys or len({r["clients.num"] for r in rows}) < 2:
         return []
-    plt = _plt()
+    plt = pyplot()
     out = []
     for path, y, ylabel in ((auc_path, "auc", "test AUC (band: worst to best client)"),
                             (wall_path, "wall_seconds", "wall time per trial (s)")):
