@@ -11,6 +11,7 @@ import yaml
 from fedsim.cli import main
 from fedsim.config import ConfigError
 from fedsim.tuning.sweep import expand, parse_sweep
+from fedsim.tuning.tune import check_fit, trial_bundles
 
 
 def write_sweep(tmp_path, **fields):
@@ -271,3 +272,15 @@ def test_epsilon_plots_draw_intervals_seeds_baselines_and_the_attack(tmp_path):
 def test_every_shipped_sweep_file_expands_into_valid_trials(path):
     """A recipe in tuning/ that no longer matches the config schema fails here, not hours into a sweep."""
     assert expand(parse_sweep(path), path)
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in Path("tuning").glob("*.yaml")
+                                        if "gpu" not in p.name and p.name != "ci_nodes.yaml"))
+def test_every_cpu_sweep_file_fits_one_two_core_machine(path):
+    """The CPU recipes are sized to the documented 2-core machine (GPU recipes and the multi-node one
+    aside): a trial whose bundles cannot be placed there fails at submission, after the user waited
+    for Ray to start."""
+    sweep = parse_sweep(path)
+    trials = [{"trial": t.index, "params": t.params, "bundles": trial_bundles(t.cfg, sweep.trial_cpus, 0)}
+              for t in expand(sweep, path)]
+    check_fit(trials, {"CPU": 2}, [{"CPU": 2}])
