@@ -164,10 +164,10 @@ def test_every_training_path_learns(tiny_cfg, tmp_path, path):
 
 
 @pytest.mark.slow
-def test_real_smollm2_learns_on_a_hundred_real_rows():
-    """SmolLM2-135M on MovieLens-100K (TALLRec protocol and prompt), 96 training rows (24 steps of 4,
-    warm-up and cosine decay): the held-out loss on 100 fixed test rows must fall (measured 0.738 ->
-    0.597; at 48 steps it was 0.738 -> 0.633 at twice the time). At this budget the ranking is not
+def test_real_smollm2_learns_on_seventy_real_rows():
+    """SmolLM2-135M on MovieLens-100K (TALLRec protocol and prompt), 72 training rows (18 steps of 4,
+    warm-up and cosine decay): the held-out loss on 64 fixed test rows must fall (measured 0.706 ->
+    0.606; on 100 rows, 24 steps gave 0.738 -> 0.597 and 12 steps only 0.738 -> 0.699). At this budget the ranking is not
     learned yet; it is at 512 rows (0.77, the quickstart and docs/results.md), too slow for a test.
     The tiny-model tests check AUC through Ray."""
     from fedsim.client.executor import ClientExecutor
@@ -175,8 +175,8 @@ def test_real_smollm2_learns_on_a_hundred_real_rows():
     from fedsim.metrics import logloss
     from fedsim.prepare import prepare
 
-    cfg = load_config("configs/quickstart.yaml", ["tracking.enabled=false", "clients.num=1", "data.max_eval_rows=100",
-                                                  "train.rounds=1", "train.local_steps=24", "train.batch_size=4"])
+    cfg = load_config("configs/quickstart.yaml", ["tracking.enabled=false", "clients.num=1", "data.max_eval_rows=64",
+                                                  "train.rounds=1", "train.local_steps=18", "train.batch_size=4"])
     with tempfile.TemporaryDirectory() as tmp:
         info = prepare(cfg, Path(tmp), log=lambda *a: None)
         # Both cores: CI runs this test alone (its threads would only contend on a loaded dev machine).
@@ -191,5 +191,5 @@ def test_real_smollm2_learns_on_a_hundred_real_rows():
         meta, delta = ex.train(0, 0, params, cfg.train.lr, [0])
         after, _ = test_loss(params + delta)
     print(f"SmolLM2, {meta['num_samples']} rows: held-out loss {before:.3f} -> {after:.3f} on {rows} rows")
-    assert rows == 100 and meta["num_samples"] == 96
+    assert rows == 64 and meta["num_samples"] == 72
     assert after < before - 0.05

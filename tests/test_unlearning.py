@@ -63,6 +63,10 @@ def test_semantic_partition_is_balanced_and_follows_the_clusters():
         balanced_shards(x, 3, seed=0, cap=20)
     with pytest.raises(ValueError, match="unlearning.partition=semantic needs one hidden state per train row"):
         assign(_rows(), "semantic", 2, 0)
+    # One shard is plain retraining: every row in it, no hidden states asked for, the cap still checked.
+    assert assign(_rows(), "semantic", 1, 0).tolist() == [0] * len(_rows())
+    with pytest.raises(ValueError, match="unlearning.shard_size: 2 x 1 shards holds fewer than"):
+        assign(_rows(), "semantic", 1, 0, cap=2)
 
 
 def test_unlearning_config_is_off_by_default_and_errors_name_the_key():

@@ -80,6 +80,8 @@ def assign(rows, method: str, shards: int, seed: int, embeddings: np.ndarray | N
         return random_shards(rows["user"], rows["item"], rows["timestamp"], shards, seed)
     if method == "user":
         return user_shards(rows["user"], shards, seed)
+    if shards == 1 and embeddings is None:  # one shard (plain retraining) needs no hidden states
+        embeddings = np.zeros((len(rows), 1))
     if embeddings is None or len(embeddings) != len(rows):
         raise ValueError("unlearning.partition=semantic needs one hidden state per train row")
     return balanced_shards(embeddings, shards, seed, cap)

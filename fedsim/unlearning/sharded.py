@@ -66,7 +66,7 @@ def build_assignment(cfg: Config, rows: pd.DataFrame, model_path: str, log=print
     u = cfg.unlearning
     train = rows[rows["split"] == "train"].reset_index(drop=True)
     emb = None
-    if u.partition == "semantic":
+    if u.partition == "semantic" and u.shards > 1:  # one shard needs no hidden states
         from fedsim.models.loader import load_base
 
         log(f"semantic partition: hidden states of {len(train)} train prompts")
