@@ -40,8 +40,6 @@ def prepared(prepare_run):
     (["model.personal.crm=lstm"], "model.personal.crm: 'lstm' is not one of"),
     (["model.personal.bank=2", "model.personal.crm=sequential", "model.personal.crm_history=0"],
      "model.personal.crm_history: 0 must be >= 1"),
-    (["model.personal.bank=2", "executors.fused=true"],
-     r"model.personal.bank: 2 cannot be combined with executors.fused True \(the bank replaces"),
     (["model.personal.bank=2", "strategy.lora_mode=stack"],
      "model.personal.bank: 2 cannot be combined with strategy.lora_mode 'stack'"),
     (["model.personal.bank=2", "storage.mode=split", "model.tiny_layers=3"],
@@ -176,7 +174,7 @@ LEARNS = ["data.synthetic.generosity=3.0", "data.synthetic.num_users=120", "data
           "train.schedule=cosine", "train.warmup=0.1"]
 
 
-@pytest.mark.parametrize("crm", ["mf", "sequential", "mf-federated"])
+@pytest.mark.parametrize("crm", ["mf", "sequential", "mf-federated", "mf-fused"])
 def test_a_federated_bank_learns(tiny_cfg, tmp_path, crm):
     """3 clients, 5 FedAvg rounds of the bank (4 meta-LoRAs) with private routers, fedsim's client
     and server code in one process (`fedsim.inprocess`). Measured (mf): test AUC 0.87 and train loss
@@ -185,8 +183,9 @@ def test_a_federated_bank_learns(tiny_cfg, tmp_path, crm):
     from fedsim.inprocess import train_in_process
     from fedsim.metrics import auc
 
-    crm_keys = ["model.personal.crm=mf", "model.personal.crm_training=federated"] if crm == "mf-federated" else \
-        [f"model.personal.crm={crm}"]
+    crm_keys = {"mf-federated": ["model.personal.crm=mf", "model.personal.crm_training=federated"],
+                # the 3 clients of each round trained at once (train_many), each through its own router
+                "mf-fused": ["model.personal.crm=mf", "executors.fused=true"]}.get(crm, [f"model.personal.crm={crm}"])
     cfg = tiny_cfg(*LEARNS, *BANK, *crm_keys)
     ex, strategy, losses, _ = train_in_process(cfg, tmp_path / "run")
     results = [ex.evaluate(c, strategy.params_for(c), "test") for c in range(cfg.clients.num)]

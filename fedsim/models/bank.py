@@ -14,10 +14,13 @@ same bank and a bank of one is plain LoRA exactly.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
+import torch.nn.functional as F
 
+from fedsim.models.fused import StackedGroup
 from fedsim.models.layout import Block, Layout, Site
 from fedsim.models.routing import Route, StackedLoRALinear
 
@@ -29,6 +32,7 @@ class Bank:
         if size < 1 or not sites:
             raise ValueError(f"bank: {size} adapters over {len(sites)} LoRA sites")
         self.model, self.size, self.factors = model, size, merge == "weights"
+        self.fused = False  # while a FusedBank's layers stand in for the bank's (fused training)
         device = sites[0].A.device
         self.route = Route(size, device)
         gen = torch.Generator().manual_seed(seed)
@@ -92,3 +96,62 @@ class Router(torch.nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.net(h) / self.temperature, dim=-1)
+
+
+class FusedBank(StackedGroup):
+    """Fused training of C clients' banks and routers (`executors.fused` with `model.personal`):
+    one forward over a batch of every client's rows, row i of client c through its own client's
+    mix, weight alpha_ik on adapter c * N_m + k of a [C, N_m, ...] stack and 0 on every other
+    client's, alpha from client c's own router (its slot of the stacked router weights). A zero
+    weight adds an exact 0, so each client's gradient is its own mean loss's, as for `FusedLoRA`.
+    `user_vectors(rows)`: h_u of one client's rows (its frozen CRM's)."""
+
+    def __init__(self, bank: Bank, router: torch.nn.Module, num_clients: int, trainable: list[torch.nn.Parameter],
+                 user_vectors):
+        self.bank, self.router, self.user_vectors = bank, router, user_vectors
+        factors = [p for _, layer in bank.layers for p in (layer.A, layer.B)] + list(router.parameters())
+        super().__init__(factors, trainable, num_clients, "a bank factor or the router")
+        self.route = Route(num_clients * bank.size, self.weight.device)
+        self.idx = self.counts = None
+        self.entropy: list[list[float]] = [[] for _ in range(num_clients)]  # per slot, per step
+
+    def set_rows(self, counts: list[int], rows) -> None:
+        C, N = self.num_clients, self.bank.size
+        self.counts = torch.tensor(counts, dtype=torch.long)
+        self.idx = torch.repeat_interleave(torch.arange(C), self.counts).to(self.weight.device)
+        blocks, start = [], 0
+        for slot, n in enumerate(counts):
+            if not n:
+                continue
+            h = self.user_vectors(rows.iloc[start:start + n])
+            own = {name: self.stacked[id(p)][slot] for name, p in self.router.named_parameters()}
+            alpha = torch.func.functional_call(self.router, own, (h,))
+            a = alpha.detach()
+            self.entropy[slot].append(float(-(a * a.clamp_min(1e-12).log()).sum(1).mean()))
+            blocks.append(F.pad(alpha, (slot * N, (C - slot - 1) * N)))
+            start += n
+        self.route.set_weights(torch.cat(blocks), factors=self.bank.factors)
+
+    def metrics(self, slot: int) -> dict:
+        e = self.entropy[slot]
+        return {"personal/alpha_entropy": sum(e) / len(e)} if e else {}
+
+    @contextlib.contextmanager
+    def installed(self):
+        """The model runs through every client's stacked bank inside the block, its own bank after it."""
+        swapped = []
+        for name, layer in self.bank.layers:
+            parent_name, _, attr = name.rpartition(".")
+            parent = self.bank.model.get_submodule(parent_name)
+            fused = StackedLoRALinear(layer.base, self.stacked[id(layer.A)], self.stacked[id(layer.B)],
+                                      layer.scaling, layer.dropout, self.route)
+            fused.train(layer.training)
+            setattr(parent, attr, fused)
+            swapped.append((parent, attr, layer))
+        self.bank.fused = True
+        try:
+            yield self
+        finally:
+            self.bank.fused = False
+            for parent, attr, layer in swapped:
+                setattr(parent, attr, layer)

@@ -73,24 +73,17 @@ def _stacked_views(params: list[torch.Tensor], num_clients: int, device, require
     return buf, views
 
 
-class FusedLoRA:
-    """The stacked adapters of C client slots for every LoRA layer of a peft model.
+class StackedGroup:
+    """C client slots of trained parameters in one [C, P] buffer (see the module's docstring): each
+    parameter in `factors` gets a leaf [C, *shape] view, `trainable` ones (flat-vector order) of
+    the trained buffer with their gradients in a [C, P] gradient buffer, the rest of a frozen one.
+    What the layers are and how rows are routed is the subclass's (`installed`, `set_rows`)."""
 
-    `trainable` are the model's trained LoRA parameters in flat-vector order (the executor's
-    `params`); every other LoRA factor is frozen (ffa's A) and stacked apart.
-    """
-
-    def __init__(self, model, num_clients: int, trainable: list[torch.nn.Parameter], layout: Layout | None = None):
-        self.model, self.num_clients = model, num_clients
-        # The layout says where the factors are (default: the model's LoRA as it is now).
-        self.sites = (layout or Layout.of(model)).sites
-        if not self.sites:
-            raise ValueError("fused training: the model has no LoRA layers")
-        factors = [site.A for site in self.sites] + [site.B for site in self.sites]
-        ids = {id(p) for p in trainable}
-        extra = [p for p in trainable if id(p) not in {id(f) for f in factors}]
-        if extra:
-            raise ValueError("fused training: a trainable parameter is not a LoRA factor")
+    def __init__(self, factors: list[torch.Tensor], trainable: list[torch.nn.Parameter], num_clients: int, what: str):
+        self.num_clients = num_clients
+        ids, known = {id(p) for p in trainable}, {id(f) for f in factors}
+        if any(id(p) not in known for p in trainable):
+            raise ValueError(f"fused training: a trainable parameter is not {what}")
         self.trainable = list(trainable)
         self.frozen = [p for p in factors if id(p) not in ids]
         device = trainable[0].device
@@ -104,46 +97,35 @@ class FusedLoRA:
             v.grad = self.grad[:, i:i + v[0].numel()].view(v.shape)
             i += v[0].numel()
         self.views = tviews
-        self.route = Route(num_clients, device)
 
     # -- client slots ----------------------------------------------------------------------------
 
     def load(self, slot: int) -> None:
-        """Slot `slot` takes the LoRA weights the peft model holds now (one client's)."""
+        """Slot `slot` takes the weights the model holds now (one client's)."""
         self.weight[slot].copy_(get_flat(self.trainable))
         if self.frozen:
             self.frozen_weight[slot].copy_(get_flat(self.frozen))
 
     def store(self, slot: int) -> None:
-        """The peft model takes slot `slot`'s trained weights (to read, evaluate or save them)."""
+        """The model takes slot `slot`'s trained weights (to read, evaluate or save them)."""
         set_flat(self.trainable, self.weight[slot])
 
     # -- training --------------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def installed(self):
-        """The model runs through the fused layers inside the block, its peft layers after it."""
-        swapped = []
-        for site in self.sites:
-            parent_name, _, attr = site.name.rpartition(".")
-            parent = self.model.get_submodule(parent_name)
-            fused = StackedLoRALinear(site.layer.base_layer, self.stacked[id(site.A)], self.stacked[id(site.B)],
-                                      site.scaling, site.dropout, self.route)
-            fused.train(site.layer.training)
-            setattr(parent, attr, fused)
-            swapped.append((parent, attr, site.layer))
-        try:
-            yield self
-        finally:
-            for parent, attr, layer in swapped:
-                setattr(parent, attr, layer)
+    def set_rows(self, counts: list[int], rows) -> None:
+        """Route the next forward: the first counts[0] `rows` are slot 0's, the next counts[1] slot 1's, ..."""
+        raise NotImplementedError
+
+    def metrics(self, slot: int) -> dict:
+        """A slot's own figures from the loop (its routing, for a bank)."""
+        return {}
 
     def client_losses(self, row_losses: torch.Tensor) -> torch.Tensor:
         """[C] mean loss of each slot over its own rows (0 for a slot with no rows this step);
         their sum is the fused objective."""
         sums = torch.zeros(self.num_clients, device=row_losses.device, dtype=row_losses.dtype)
-        sums = sums.index_add(0, self.route.idx, row_losses)
-        return sums / self.route.counts.clamp(min=1).to(sums.device, sums.dtype)
+        sums = sums.index_add(0, self.idx, row_losses)
+        return sums / self.counts.clamp(min=1).to(sums.device, sums.dtype)
 
     def backward(self, loss: torch.Tensor, **kwargs) -> None:
         """loss.backward() into the [C, P] gradient buffer."""
@@ -164,6 +146,53 @@ class FusedLoRA:
 
     def zero_grad(self) -> None:
         self.grad.zero_()
+
+
+class FusedLoRA(StackedGroup):
+    """The stacked adapters of C client slots for every LoRA layer of a peft model, routed one-hot.
+
+    `trainable` are the model's trained LoRA parameters in flat-vector order (the executor's
+    `params`); every other LoRA factor is frozen (ffa's A) and stacked apart.
+    """
+
+    def __init__(self, model, num_clients: int, trainable: list[torch.nn.Parameter], layout: Layout | None = None):
+        self.model = model
+        # The layout says where the factors are (default: the model's LoRA as it is now).
+        self.sites = (layout or Layout.of(model)).sites
+        if not self.sites:
+            raise ValueError("fused training: the model has no LoRA layers")
+        factors = [site.A for site in self.sites] + [site.B for site in self.sites]
+        super().__init__(factors, trainable, num_clients, "a LoRA factor")
+        self.route = Route(num_clients, self.weight.device)
+
+    @property
+    def idx(self) -> torch.Tensor:
+        return self.route.idx
+
+    @property
+    def counts(self) -> torch.Tensor:
+        return self.route.counts
+
+    def set_rows(self, counts: list[int], rows=None) -> None:
+        self.route.set(counts)
+
+    @contextlib.contextmanager
+    def installed(self):
+        """The model runs through the fused layers inside the block, its peft layers after it."""
+        swapped = []
+        for site in self.sites:
+            parent_name, _, attr = site.name.rpartition(".")
+            parent = self.model.get_submodule(parent_name)
+            fused = StackedLoRALinear(site.layer.base_layer, self.stacked[id(site.A)], self.stacked[id(site.B)],
+                                      site.scaling, site.dropout, self.route)
+            fused.train(site.layer.training)
+            setattr(parent, attr, fused)
+            swapped.append((parent, attr, site.layer))
+        try:
+            yield self
+        finally:
+            for parent, attr, layer in swapped:
+                setattr(parent, attr, layer)
 
 
 class StackedAdamW:

@@ -63,7 +63,8 @@ class Route:
 
 
 class StackedLoRALinear(torch.nn.Module):
-    """A frozen linear layer plus C stacked LoRA adapters, mixed per row by `route`."""
+    """A frozen linear layer plus C stacked LoRA adapters, mixed per row by `route`. A and B may also
+    be [clients, bank, ...] (several clients' banks in fused training): adapter c * bank + k."""
 
     def __init__(self, base: torch.nn.Module, A: torch.Tensor, B: torch.Tensor, scaling: float, dropout: float,
                  route: Route):
@@ -76,6 +77,8 @@ class StackedLoRALinear(torch.nn.Module):
         if self.dropout and self.training:
             x = F.dropout(x, self.dropout, True)
         A, B = self.A.to(x.dtype), self.B.to(x.dtype)
+        if A.dim() == 4:  # fused banks: [clients, bank, ...], adapter c * bank + k (a copy: autograd sends its gradient back)
+            A, B = A.flatten(0, 1), B.flatten(0, 1)
         n = x.shape[0]
         x3 = x.reshape(n, -1, x.shape[-1])
         if self.route.weights is not None and self.route.factors:  # each row's own mixed factors

@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 
 from fedsim.core.capabilities import Capable
+from fedsim.models.fused import FusedLoRA, StackedGroup
 from fedsim.models.layout import Layout
 from fedsim.models.lora import export_state, get_flat, set_flat
 from fedsim.models.scoring import yes_no_logits
@@ -89,6 +90,10 @@ class Adapter(Capable):
         """Add the client's own part to its store entry."""
         if self.local:
             saved["local"] = get_flat(self.local)
+
+    def fuse(self, num_clients: int) -> StackedGroup:
+        """`num_clients` slots of what the clients train, stacked for fused training (`executors.fused`)."""
+        return FusedLoRA(self.model, num_clients, self.params, self.layout)
 
     def route(self, rows: pd.DataFrame) -> None:
         """Before the rows' batch runs through `forward` (RecLoRA: each row's mix of the bank, from its user)."""

@@ -1,6 +1,8 @@
 """`executors.fused`: several clients trained at once (`fedsim.models.fused`): each step is one
 forward and backward over a batch made of every client's own batch, each row through its own
-client's adapter (one-hot routing over the stacked adapters), and one AdamW step of every client.
+client's adapter (one-hot routing over the stacked adapters; RecLoRA's bank: its own client's
+router mix of its own client's bank), and one AdamW step of every client. What is stacked is the
+adapter's (`Adapter.fuse`).
 Each client ends with the state (adapter, optimizer, store entry) training alone would give it, to
 float32 rounding."""
 from __future__ import annotations
@@ -10,15 +12,14 @@ import torch
 
 from fedsim.client.seeds import client_seed
 from fedsim.client.trainers.base import Trainer, batch_stream
-from fedsim.models.fused import FusedLoRA, StackedAdamW, chunks
+from fedsim.models.fused import StackedAdamW, chunks
 from fedsim.models.scoring import preference_loss
 
 
 class Fused(Trainer):
     name = "fused"
     needs = {"whole_model_here": ("cannot be combined with {key} {value!r} (the fused layers hold every client's adapter in "
-                                  "the client's model, the split server runs one client per request)"),
-             "peft_lora_layers": "cannot be combined with {key} {value!r} (it stacks the model's peft LoRA layers)"}
+                                  "the client's model, the split server runs one client per request)")}
     # Record-level DP-SGD clips per-sample gradients per client (Opacus hooks on peft's layers);
     # the fused layers hold every client's adapter in one tensor, which those hooks cannot split.
     breaks = {"per_sample_grads": ("cannot be combined with privacy.sample_dp (per-sample clipping runs per client, "
@@ -27,7 +28,7 @@ class Fused(Trainer):
 
     def open(self, clients, round, params, lrs):
         host = self.host
-        self.group = FusedLoRA(host.model, len(clients), host.params, host.adapter.layout)
+        self.group = host.adapter.fuse(len(clients))  # the adapter's parameters, stacked over the clients
         self.opt = StackedAdamW(self.group.weight, self.group.grad)
         runs = []
         for slot, (client, p, lr) in enumerate(zip(clients, params, lrs)):
@@ -56,12 +57,13 @@ class Fused(Trainer):
         counts = [len(frames[s]) if s in frames else 0 for s in range(len(runs))]
         step_losses = torch.zeros(len(runs), device=host.device)
         for part in chunks(counts, host.cfg.executors.fused_rows):  # whole clients per pass
-            group.route.set([counts[s] if s in part else 0 for s in range(len(runs))])
-            logits, labels, row_tokens = host.logits(pd.concat([frames[s] for s in part]))
+            rows = pd.concat([frames[s] for s in part])
+            group.set_rows([counts[s] if s in part else 0 for s in range(len(runs))], rows)
+            logits, labels, row_tokens = host.logits(rows)
             per_client = group.client_losses(preference_loss(logits, labels, reduction="none"))
             group.backward(per_client.sum())  # accumulates over the passes
             step_losses += per_client.detach()
-            self.tokens.index_add_(0, group.route.idx, row_tokens)
+            self.tokens.index_add_(0, group.idx, row_tokens)
         self.opt.step(torch.tensor(counts) > 0)
         group.zero_grad()
         return {slot: step_losses[slot] for slot in batches}
@@ -70,4 +72,4 @@ class Fused(Trainer):
         self.group.store(slot)  # the model holds this client's trained adapter now
         self.opt.store(slot, run.opt)
         run.tokens = self.tokens[slot]
-        return float(run.seen), {}
+        return float(run.seen), self.group.metrics(slot)

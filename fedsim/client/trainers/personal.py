@@ -29,7 +29,7 @@ from fedsim.baselines import MF_DIM, fit_mf, fit_mf_federated, mf_user_vectors
 from fedsim.client.trainers.base import Adapter
 from fedsim.core.capabilities import Capable
 from fedsim.models import sequential_crm
-from fedsim.models.bank import Bank, Router
+from fedsim.models.bank import Bank, FusedBank, Router
 from fedsim.models.layout import lora_sites
 from fedsim.models.lora import MODE_ROLES, set_flat
 
@@ -48,7 +48,7 @@ class Personal(Adapter):
     breaks = {"per_sample_grads": ("cannot be combined with privacy.sample_dp (Opacus' per-sample hooks know peft's "
                                    "LoRA layers, not the bank's stacked ones); privacy.client_dp and privacy.dp_lora work"),
               "peft_lora_layers": ("cannot be combined with {key} {value!r} (the bank replaces the model's peft LoRA "
-                                   "layers, which it stacks or merges)")}
+                                   "layers, which it merges)")}
 
     def build_layout(self):
         cfg = self.host.cfg
@@ -90,15 +90,23 @@ class Personal(Adapter):
                                            cfg.model.personal.crm_rounds, FED_MF_LOCAL_STEPS)
         return self._items
 
-    def alpha(self, rows: pd.DataFrame) -> torch.Tensor:
-        """[rows, N_m] router weights of each row's user (rows of one client)."""
+    def user_h(self, rows: pd.DataFrame) -> torch.Tensor:
+        """[rows, dim] each row's user vector under its client's frozen CRM (rows of one client)."""
         clients = rows["client"].unique()
         if len(clients) != 1:
             raise ValueError(f"personal: a batch holds the rows of clients {clients.tolist()}; the router runs one client's")
-        h = self.user_vectors(self.crm(int(clients[0])), rows).to(self.bank.route.device)
-        return self.router(h)
+        return self.user_vectors(self.crm(int(clients[0])), rows).to(self.bank.route.device)
+
+    def alpha(self, rows: pd.DataFrame) -> torch.Tensor:
+        """[rows, N_m] router weights of each row's user (rows of one client)."""
+        return self.router(self.user_h(rows))
+
+    def fuse(self, num_clients: int) -> FusedBank:
+        return FusedBank(self.bank, self.router, num_clients, self.params, self.user_h)
 
     def route(self, rows: pd.DataFrame) -> None:
+        if self.bank.fused:  # fused training: the FusedBank routes each client's rows (`set_rows`)
+            return
         alpha = self.alpha(rows)
         a = alpha.detach()
         entropy = -(a * a.clamp_min(1e-12).log()).sum(1)
