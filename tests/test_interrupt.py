@@ -25,16 +25,18 @@ ROOT = Path(__file__).resolve().parents[1]
 OVERRIDES = ["train.rounds=3", "model.lora.dropout=0.1", "clients.per_round=2", "executors.num=1"]
 
 
-def cli(ray_local, cwd, *args, command=("run",)) -> subprocess.Popen:
+def cli(ray_local, cwd, *args, command=("run",), log: Path | None = None) -> subprocess.Popen:
     """`fedsim run ...` in its own process, a driver joining the test session's Ray instance
-    (one Ray instance per machine: a second local one would collide with it)."""
+    (one Ray instance per machine: a second local one would collide with it). `log`: its output
+    goes to that file, not to pipes (a process left running for long would fill a pipe and stall)."""
     # Token auth as the session's instance has it: fedsim's init_ray sends the token when it finds one.
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     # cwd: MLflow puts a sqlite store's artifacts under ./mlruns.
     # SIGINT back to its default in the child: a shell without job control starts background jobs
     # (e.g. `pytest &` in a script) with SIGINT ignored, and Python then keeps ignoring it (no Ctrl+C).
+    out = open(log, "w") if log else subprocess.PIPE
     return subprocess.Popen([sys.executable, "-m", "fedsim.cli", *command, *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdout=out, stderr=subprocess.STDOUT if log else subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
@@ -71,6 +73,13 @@ def test_ctrl_c_then_sigkill_mid_round_then_resume_ends_like_an_uninterrupted_ru
     hold = lambda r: ["faults.round_timeout=600", f"faults.slow=[{{round: {r}, client: {sample_clients(cfg, r)[0]}}}]"]  # noqa: E731
     sets = lambda *o: [x for v in o for x in ("--set", v)]  # noqa: E731
 
+    # A second run of its own and a Tune sweep write to the one sqlite store all along, while the
+    # interrupted run starts, stops and resumes.
+    other = cli(ray_local, tmp_path, str(ROOT / "configs" / "tiny.yaml"), *common,
+                *sets(f"output_dir={tmp_path / 'other'}", "name=other", *OVERRIDES), log=tmp_path / "other.log")
+    sweep = cli(ray_local, ROOT, *common, *sets(f"output_dir={tmp_path / 'sweep'}"), command=("tune", "tuning/ci_small.yaml"),
+                log=tmp_path / "sweep.log")
+
     # Ctrl+C in round 2 (round 1 checkpointed): exit 130, the checkpoint intact, one line saying how to resume.
     proc = cli(ray_local, tmp_path, str(ROOT / "configs" / "tiny.yaml"), *common,
                *sets(f"output_dir={runs}", *OVERRIDES, *hold(1)))
@@ -90,18 +99,14 @@ def test_ctrl_c_then_sigkill_mid_round_then_resume_ends_like_an_uninterrupted_ru
     assert proc.returncode == -signal.SIGKILL
     assert load_checkpoint(run_dir)["round"] == 1
 
-    # The last resume, and meanwhile a second run of its own and a Tune sweep, all writing to the
-    # one sqlite store.
+    # The last resume.
     proc = cli(ray_local, tmp_path, "--resume", str(run_dir), *common, "--force", *sets("faults.slow=[]"))
-    other = cli(ray_local, tmp_path, str(ROOT / "configs" / "tiny.yaml"), *common,
-                *[x for o in [f"output_dir={tmp_path / 'other'}", "name=other", *OVERRIDES] for x in ("--set", o)])
-    sweep = cli(ray_local, ROOT, *common, *sets(f"output_dir={tmp_path / 'sweep'}"), command=("tune", "tuning/ci_small.yaml"))
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     assert f"run directory: {run_dir}" in out
-    for p in (other, sweep):
-        _, p_err = p.communicate(timeout=300)
-        assert p.returncode == 0, p_err[-3000:]
+    for p, name in ((other, "other"), (sweep, "sweep")):
+        p.wait(timeout=300)
+        assert p.returncode == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
 
     # The interrupted run ends on the uninterrupted one's adapter and metrics, round by round.
     full_dir = next((tmp_path / "other").glob("other-*"))
