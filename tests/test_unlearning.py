@@ -69,6 +69,24 @@ def test_semantic_partition_is_balanced_and_follows_the_clusters():
         assign(_rows(), "semantic", 1, 0, cap=2)
 
 
+def test_the_driver_scores_the_merge_on_the_idle_executors_cores():
+    """A Tune trial's driver holds 0.5 CPU (1 thread); the partition's hidden states and the merge run
+    while the run's executors wait, on their cores (at most the machine's), never on fewer threads
+    than the process already has."""
+    import os
+
+    from fedsim.core.threads import executor_threads, threads
+
+    cfg = load_config("configs/tiny.yaml", ["executors.num=2", "executors.num_cpus=0.75"])
+    with threads(1):
+        assert executor_threads(cfg) == min(2, os.cpu_count())
+        with threads(executor_threads(cfg)):
+            assert torch.get_num_threads() == min(2, os.cpu_count())
+        assert torch.get_num_threads() == 1
+    with threads(64):
+        assert executor_threads(cfg) == 64
+
+
 def test_unlearning_config_is_off_by_default_and_errors_name_the_key():
     cfg = load_config("configs/tiny.yaml")
     assert cfg.unlearning.shards == 0

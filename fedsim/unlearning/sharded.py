@@ -25,6 +25,7 @@ import pandas as pd
 
 from fedsim.compare import paired_vs_baselines
 from fedsim.config import Config, flatten, save_config, to_dict
+from fedsim.core.threads import executor_threads, threads
 from fedsim.data.partition import shard_stats, write_shard_files
 from fedsim.postprocessors import describe
 from fedsim.prepare import prepare
@@ -213,7 +214,8 @@ class ShardedRun:
             assignment = pd.read_parquet(apath)
         else:
             apath.parent.mkdir(parents=True, exist_ok=True)
-            assignment = build_assignment(cfg, rows, info["model_path"], log)
+            with threads(executor_threads(cfg)):  # the executors wait for the partition
+                assignment = build_assignment(cfg, rows, info["model_path"], log)
             assignment.to_parquet(apath, index=False)
         rows = with_shard(rows, assignment)
         sizes = np.bincount(assignment["shard"], minlength=cfg.unlearning.shards).tolist()
@@ -223,7 +225,8 @@ class ShardedRun:
         self.tracker.start(cfg.name, {**flatten(to_dict(cfg)), "run_dir": str(self.run_dir)}, tags=self.tags)
         try:
             shards = [train_shard(cfg, self.run_dir, rows, k, info, log) for k in range(cfg.unlearning.shards)]
-            metrics, preds = merge_and_report(cfg, self.run_dir, rows, info["model_path"], log)
+            with threads(executor_threads(cfg)):  # every shard has trained: the executors are idle
+                metrics, preds = merge_and_report(cfg, self.run_dir, rows, info["model_path"], log)
             preds = with_baselines(self.run_dir, preds)
             preds.to_parquet(self.run_dir / "predictions.parquet", index=False)
             summary = self._summary(info, shards, metrics, sizes, time.perf_counter() - t_start)
