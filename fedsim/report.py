@@ -105,6 +105,9 @@ def summary_table(summary: dict) -> str:
               f"{f.get('logloss', float('nan')):.4f}", f"{f.get('accuracy', float('nan')):.4f}", str(f.get("rows", "")))
     for name, m in summary.get("baselines", {}).items():
         t.add_row(f"baseline: {name}", fmt_auc(m), f"{m['logloss']:.4f}", f"{m['accuracy']:.4f}", "")
+    if "crm/auc" in f:  # RecLoRA: each client's own CRM alone, on the rows the run scored
+        t.add_row("baseline: crm (each client's own)", fmt_auc({k: f.get(f"crm/{k}", NAN) for k in ("auc", "auc_ci_low", "auc_ci_high")}),
+                  "", "", str(f.get("rows", "")))
     per_client = sorted(summary.get("clients_final", {}).items(), key=lambda kv: int(kv[0]))
     for c, m in per_client[:MAX_CLIENT_ROWS]:
         t.add_row(f"client {c}", f"{m['auc']:.4f}", f"{m['logloss']:.4f}", f"{m['accuracy']:.4f}", str(m["rows"]))

@@ -166,6 +166,12 @@ def eval_metrics(results: list[dict], num_clients: int, seed: int = 0) -> dict[s
                    auc_min=float(np.min(per_client)), auc_max=float(np.max(per_client)),
                    auc_gap=float(np.max(per_client) - np.min(per_client)))
     out.update({k: float(np.mean(v)) for k, v in adapter.items()})  # the mean over clients
+    for name in results[0].get("scores", {}):  # the adapter's comparison scores of the same rows (RecLoRA: CRM alone)
+        s = cat_scores(results, name)
+        low, high = auc_ci(y, s, seed=seed)
+        out.update({f"{name}/auc": auc(y, s), f"{name}/auc_ci_low": low, f"{name}/auc_ci_high": high})
+        for r in results:
+            out[f"client/{r['client']}/{name}/auc"] = auc(r["labels"], r["scores"][name])
     out["clients_evaluated"] = float(len(results))
     return out
 
@@ -184,6 +190,11 @@ def train_throughput(metas: list[dict]) -> dict[str, float]:
             "executors_peak_bytes": float(sum(peak.values()))}
 
 
+def cat_scores(results: list[dict], name: str) -> np.ndarray:
+    """The adapter's score `name` (`Adapter.eval_scores`) of every evaluated row, in result order."""
+    return np.concatenate([r["scores"][name] for r in results]).astype("float64")
+
+
 def write_predictions(run_dir: Path, results: list[dict]) -> Path:
     """<run_dir>/predictions.parquet: the final model's probability for every evaluated row and each
     conventional baseline's score for the same row (`baseline/<name>`), keyed by (user, item,
@@ -199,6 +210,8 @@ def write_predictions(run_dir: Path, results: list[dict]) -> Path:
         scores = pd.read_parquet(scores_path).drop(columns="label").drop_duplicates(KEY)
         scores = scores.rename(columns={c: f"baseline/{c}" for c in scores.columns if c not in KEY})
         df = df.merge(scores, on=KEY, how="left")
+    for name in results[0].get("scores", {}) if results else ():  # the adapter's own (RecLoRA: each client's CRM)
+        df[f"baseline/{name}"] = cat_scores(results, name)
     path = run_dir / "predictions.parquet"
     tmp = path.with_suffix(".tmp")
     df.to_parquet(tmp, index=False)

@@ -191,7 +191,8 @@ def test_a_federated_bank_learns(tiny_cfg, tmp_path, crm):
     results = [ex.evaluate(c, strategy.params_for(c), "test") for c in range(cfg.clients.num)]
     score = auc(np.concatenate([r["labels"] for r in results]), np.concatenate([r["probs"] for r in results]))
     entropy = [r["metrics"]["personal/eval_alpha_entropy"] for r in results]
-    print(f"RecLoRA bank of 4, crm {crm}: test AUC {score:.3f}, train loss by round {np.round(losses, 3)}, "
+    alone = auc(np.concatenate([r["labels"] for r in results]), np.concatenate([r["scores"]["crm"] for r in results]))
+    print(f"RecLoRA bank of 4, crm {crm}: test AUC {score:.3f} (the CRM alone {alone:.3f}), train loss by round {np.round(losses, 3)}, "
           f"routing entropy at evaluation by client {np.round(entropy, 3)}")
     assert score >= 0.8
     assert losses[-1] < losses[0] - 0.1
@@ -320,3 +321,16 @@ def test_through_ray_the_upload_is_the_bank_and_router_and_dp_applies_to_it(ray_
         logged = client.get_metric_history(run_id, f"client/{c}/personal/eval_alpha_entropy")
         assert [m.step for m in logged] == [0, 1] and all(0 < m.value < np.log(4) for m in logged)
     assert "routing_entropy.png" in {a.path for a in client.list_artifacts(run_id)}
+    # The CRM alone (each client's own, what the router reads) is scored on the same rows: a column
+    # of predictions.parquet, its AUC with an interval in the summary and per client in MLflow, and
+    # the run's paired difference against it.
+    import pandas as pd
+
+    from fedsim.metrics import auc
+
+    preds = pd.read_parquet(run_dir / "predictions.parquet")
+    final = summary["final"]
+    assert final["crm/auc"] == pytest.approx(auc(preds["label"], preds["baseline/crm"]))
+    assert final["crm/auc_ci_low"] < final["crm/auc"] < final["crm/auc_ci_high"]
+    assert summary["paired_vs_baselines"]["crm"]["rows"] == len(preds)
+    assert [m.step for m in client.get_metric_history(run_id, "client/0/crm/auc")] == [0, 1]

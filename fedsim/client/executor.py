@@ -242,7 +242,7 @@ class ClientExecutor:
         # runs and the baselines can be paired with.
         return {"client": client, "labels": rows["label"].to_numpy(), "probs": probs,
                 **{k: rows[k].to_numpy() for k in ("user", "item", "timestamp")},
-                "metrics": self.adapter.eval_metrics()}
+                "metrics": self.adapter.eval_metrics(), "scores": self.adapter.eval_scores(rows)}
 
     @torch.no_grad()
     def membership(self, client: int, params, max_rows: int) -> dict:

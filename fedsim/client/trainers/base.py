@@ -116,6 +116,11 @@ class Adapter(Capable):
         """A client's adapter-side metrics from its evaluation (RecLoRA: the routing's entropy)."""
         return {}
 
+    def eval_scores(self, rows: pd.DataFrame) -> dict[str, np.ndarray]:
+        """Other models' p(like) of a client's evaluated rows, reported beside the run's own as the
+        per-row baseline `baseline/<name>` (RecLoRA: the client's own CRM alone)."""
+        return {}
+
     def describe(self) -> dict:
         """Sizes to log as MLflow params."""
         return {}

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fedsim.baselines import MF_DIM, fit_mf, fit_mf_federated, mf_user_vectors
+from fedsim.baselines import MF_DIM, fit_mf, fit_mf_federated, mf_scores, mf_user_vectors
 from fedsim.client.trainers.base import Adapter
 from fedsim.core.capabilities import Capable
 from fedsim.models import sequential_crm
@@ -39,6 +39,7 @@ FED_MF_LOCAL_STEPS = 5  # crm_training federated: full-batch steps per client an
 CRMS = {"mf": (lambda train, p, seed: fit_mf(train, seed), mf_user_vectors, MF_DIM + 1),
         "sequential": (lambda train, p, seed: sequential_crm.fit_sequential(train, seed, p.crm_history),
                        sequential_crm.sequential_user_vectors, sequential_crm.DIM)}
+CRM_SCORES = {"mf": mf_scores, "sequential": sequential_crm.sequential_scores}  # the CRM alone: p(like) of rows
 
 
 class Personal(Adapter):
@@ -133,6 +134,15 @@ class Personal(Adapter):
         if not self.eval_entropy:
             return {}
         return {"personal/eval_alpha_entropy": float(np.concatenate(self.eval_entropy).mean())}
+
+    def eval_scores(self, rows: pd.DataFrame) -> dict[str, np.ndarray]:
+        """The client's own frozen CRM alone on its evaluated rows (`baseline/crm`), the comparison
+        RecLoRA's bank has to beat: what the router reads, without the LLM."""
+        if not len(rows):
+            return {"crm": np.zeros(0)}
+        client = int(rows["client"].iloc[0])
+        crm = "mf" if self.host.cfg.model.personal.crm_training == "federated" else self.host.cfg.model.personal.crm
+        return {"crm": np.asarray(CRM_SCORES[crm](self.crm(client), rows), dtype=np.float64)}
 
     def describe(self) -> dict:
         blocks = self.layout.blocks
