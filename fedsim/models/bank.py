@@ -139,19 +139,14 @@ class FusedBank(StackedGroup):
     @contextlib.contextmanager
     def installed(self):
         """The model runs through every client's stacked bank inside the block, its own bank after it."""
-        swapped = []
+        layers = []
         for name, layer in self.bank.layers:
-            parent_name, _, attr = name.rpartition(".")
-            parent = self.bank.model.get_submodule(parent_name)
             fused = StackedLoRALinear(layer.base, self.stacked[id(layer.A)], self.stacked[id(layer.B)],
                                       layer.scaling, layer.dropout, self.route)
-            fused.train(layer.training)
-            setattr(parent, attr, fused)
-            swapped.append((parent, attr, layer))
+            layers.append((name, fused.train(layer.training)))
         self.bank.fused = True
         try:
-            yield self
+            with self.swapped(self.bank.model, layers):
+                yield self
         finally:
             self.bank.fused = False
-            for parent, attr, layer in swapped:
-                setattr(parent, attr, layer)

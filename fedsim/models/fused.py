@@ -112,6 +112,22 @@ class StackedGroup:
 
     # -- training --------------------------------------------------------------------------------
 
+    @staticmethod
+    @contextlib.contextmanager
+    def swapped(model, layers: list[tuple[str, torch.nn.Module]]):
+        """Each (module name, layer) put in `model` for the block; what stood there comes back after."""
+        old = []
+        for name, layer in layers:
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            old.append((parent, attr, getattr(parent, attr)))
+            setattr(parent, attr, layer)
+        try:
+            yield
+        finally:
+            for parent, attr, layer in old:
+                setattr(parent, attr, layer)
+
     def set_rows(self, counts: list[int], rows) -> None:
         """Route the next forward: the first counts[0] `rows` are slot 0's, the next counts[1] slot 1's, ..."""
         raise NotImplementedError
@@ -176,23 +192,14 @@ class FusedLoRA(StackedGroup):
     def set_rows(self, counts: list[int], rows=None) -> None:
         self.route.set(counts)
 
-    @contextlib.contextmanager
     def installed(self):
         """The model runs through the fused layers inside the block, its peft layers after it."""
-        swapped = []
+        layers = []
         for site in self.sites:
-            parent_name, _, attr = site.name.rpartition(".")
-            parent = self.model.get_submodule(parent_name)
             fused = StackedLoRALinear(site.layer.base_layer, self.stacked[id(site.A)], self.stacked[id(site.B)],
                                       site.scaling, site.dropout, self.route)
-            fused.train(site.layer.training)
-            setattr(parent, attr, fused)
-            swapped.append((parent, attr, site.layer))
-        try:
-            yield self
-        finally:
-            for parent, attr, layer in swapped:
-                setattr(parent, attr, layer)
+            layers.append((site.name, fused.train(site.layer.training)))
+        return self.swapped(self.model, layers)
 
 
 class StackedAdamW:
