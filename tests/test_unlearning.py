@@ -211,6 +211,13 @@ def test_stacked_shard_model_scores_like_each_peft_adapter_and_merges_in_one_for
     pw, po = m.predict(test, weights=w, factors=True)[0], m.predict(test, weights=w, factors=False)[0]
     sisa = np.mean(expected, 0)
     assert not np.allclose(pw, po, atol=1e-4) and not np.allclose(po, sisa, atol=1e-4)
+    # One adapter (K = 1, plain retraining): every merge is that adapter, scored once.
+    from fedsim.unlearning.merge import evaluate_merge
+
+    metrics, preds = evaluate_merge(cfg, run.model_path, states[:1], test.iloc[:0], test, log=lambda *a: None)
+    assert np.allclose(preds["prob_weights"], expected[0], atol=1e-5)
+    assert (preds["prob_weights"] == preds["prob_outputs"]).all() and (preds["prob_sisa"] == preds["prob_shard_0"]).all()
+    assert metrics["apa_weights/auc"] == metrics["sisa/auc"] == metrics["shard/0/auc"]
 
 
 def test_semantic_assignment_from_the_base_models_hidden_states_is_balanced(prepared):

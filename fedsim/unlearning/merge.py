@@ -130,16 +130,24 @@ def evaluate_merge(cfg, model_path: str, adapters: list[dict], valid: pd.DataFra
     adapter's forward and of a merged one."""
     u, seed = cfg.unlearning, cfg.train.seed
     m = ShardModel(cfg, model_path, adapters)
-    log(f"merge: hidden states of {len(valid)} valid and {len(test)} test rows")
-    ev, et = m.embed(valid), m.embed(test)
     K = len(adapters)
-    yv, yt = valid["label"].to_numpy(), test["label"].to_numpy()
-    pv = np.stack([m.predict(valid, shard=k)[0] for k in range(K)], 1)
-    singles = [m.predict(test, shard=k) for k in range(K)]
-    pt = np.stack([p for p, _ in singles], 1)
-    w = neighbour_weights(et, ev, row_losses(pv, yv), u.neighbours, u.tau)
-    p_w, s_w = m.predict(test, weights=w, factors=True)
-    p_o, s_o = m.predict(test, weights=w, factors=False)
+    yt = test["label"].to_numpy()
+    if K == 1:  # one adapter (plain retraining): every merge is that adapter, no neighbours to weigh
+        log(f"merge: one adapter, scoring {len(test)} test rows")
+        singles = [m.predict(test, shard=0)]
+        pt = singles[0][0][:, None]
+        w = np.ones((len(test), 1))
+        (p_w, s_w), (p_o, s_o) = singles[0], singles[0]
+    else:
+        log(f"merge: hidden states of {len(valid)} valid and {len(test)} test rows")
+        ev, et = m.embed(valid), m.embed(test)
+        yv = valid["label"].to_numpy()
+        pv = np.stack([m.predict(valid, shard=k)[0] for k in range(K)], 1)
+        singles = [m.predict(test, shard=k) for k in range(K)]
+        pt = np.stack([p for p, _ in singles], 1)
+        w = neighbour_weights(et, ev, row_losses(pv, yv), u.neighbours, u.tau)
+        p_w, s_w = m.predict(test, weights=w, factors=True)
+        p_o, s_o = m.predict(test, weights=w, factors=False)
     p_sisa = pt.mean(1)
     out = {}
     for k in range(K):
