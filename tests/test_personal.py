@@ -334,3 +334,8 @@ def test_through_ray_the_upload_is_the_bank_and_router_and_dp_applies_to_it(ray_
     assert final["crm/auc_ci_low"] < final["crm/auc"] < final["crm/auc_ci_high"]
     assert summary["paired_vs_baselines"]["crm"]["rows"] == len(preds)
     assert [m.step for m in client.get_metric_history(run_id, "client/0/crm/auc")] == [0, 1]
+    from fedsim.compare import compare_by_client  # the bank against the CRM alone, client by client
+
+    by_client = compare_by_client(run_dir, "baseline:crm")
+    assert [c["client"] for c in by_client["clients"]] == [0, 1, 2]
+    assert by_client["clients"][0]["b"] == pytest.approx(history[-1]["client/0/crm/auc"])
