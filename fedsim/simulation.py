@@ -278,6 +278,8 @@ def resume_config(run_dir: Path, overrides: list[str], force: bool = False) -> C
 
 
 class Simulation:
+    evaluates = True  # score the eval split every eval.every rounds and at the end (an APA shard does not)
+
     def __init__(self, cfg: Config, run_dir: Path | None = None, tracking_uri: str | None = None, log=print,
                  on_round=None, tags: dict | None = None):
         # on_round(round, metrics) after each round's checkpoint (Tune reports from it); tags go on the MLflow run.
@@ -625,7 +627,7 @@ class Simulation:
         t0 = time.perf_counter()
         metrics, lost = self._train_round(r, progress)
         dropped += [{"round": r, "client": c} for c in lost]
-        if (r + 1) % cfg.eval.every == 0 or r == cfg.train.rounds - 1:
+        if self.evaluates and ((r + 1) % cfg.eval.every == 0 or r == cfg.train.rounds - 1):
             metrics.update(self._evaluate(r, progress))
         if r == cfg.train.rounds - 1 and cfg.privacy.audit.enabled:
             metrics.update(self._audit(r, progress))

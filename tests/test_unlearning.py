@@ -288,6 +288,9 @@ def test_shard_adapters_learn_and_a_deletion_retrains_only_its_shard_exactly(ray
     assert f["apa_outputs/auc"] >= 0.75 and f["sisa/auc"] > 0.6 and f["shard_auc_mean"] > 0.58
     preds = pd.read_parquet(a_dir / "predictions.parquet")
     assert {"prob", "prob_sisa", "prob_weights", "prob_outputs", "prob_shard_0", "prob_shard_1"} <= set(preds.columns)
+    # A shard run only trains (its time is what a deletion redoes); the merge scores its adapter.
+    assert [s["auc"] for s in summary["shards"]] == [f["shard/0/auc"], f["shard/1/auc"]]
+    assert not (shard_dir(a_dir, 0) / "predictions.parquet").exists()
 
     rows = with_shard(read_rows(a_dir), pd.read_parquet(a_dir / "unlearning" / "assignment.parquet"))
     train = rows[rows["split"] == "train"]

@@ -109,7 +109,10 @@ class ShardSimulation(Simulation):
     """One shard's federation: the round's sample cut to the clients holding the shard's rows. A
     member is then in a round with the probability the sampling gives it (what client-level DP
     accounts); with fixed sampling a cut that leaves no one trains all members instead, with
-    Poisson sampling the round stays empty (as an ordinary Poisson round may be)."""
+    Poisson sampling the round stays empty (as an ordinary Poisson round may be). It scores no
+    rows: the merge scores every shard's adapter on the evaluation rows (`shard/<k>/auc`), so a
+    shard's time is its training, what a deletion costs to redo."""
+    evaluates = False
 
     def __init__(self, cfg: Config, run_dir: Path, members: list[int], log=print):
         super().__init__(cfg, run_dir, log=log)
@@ -252,7 +255,7 @@ class ShardedRun:
             "final": metrics, "baselines": info["baselines"],
             "shards": [{"shard": k, "empty": bool(s.get("empty")), "run_dir": s.get("run_dir"),
                         "train_seconds": s.get("train_seconds", 0.0), "data_sha256": s.get("data_sha256"),
-                        "auc": s.get("final", {}).get("auc")} for k, s in enumerate(shards)],
+                        "auc": metrics.get(f"shard/{k}/auc")} for k, s in enumerate(shards)],
             "train_seconds": float(sum(s.get("train_seconds", 0.0) for s in trained)),
             "train_loss": float(np.nanmean(losses)) if losses else float("nan"),
             "wall_seconds": wall, "mlflow_run_id": self.tracker.run_id,
