@@ -98,6 +98,12 @@ class Router(torch.nn.Module):
         return torch.softmax(self.net(h) / self.temperature, dim=-1)
 
 
+def routing_entropy(alpha: torch.Tensor) -> torch.Tensor:
+    """[rows] entropy of each row's weights over the bank (0: one meta-LoRA; log N_m: uniform)."""
+    a = alpha.detach()
+    return -(a * a.clamp_min(1e-12).log()).sum(1)
+
+
 class FusedBank(StackedGroup):
     """Fused training of C clients' banks and routers (`executors.fused` with `model.personal`):
     one forward over a batch of every client's rows, row i of client c through its own client's
@@ -126,8 +132,7 @@ class FusedBank(StackedGroup):
             h = self.user_vectors(rows.iloc[start:start + n])
             own = {name: self.stacked[id(p)][slot] for name, p in self.router.named_parameters()}
             alpha = torch.func.functional_call(self.router, own, (h,))
-            a = alpha.detach()
-            self.entropy[slot].append(float(-(a * a.clamp_min(1e-12).log()).sum(1).mean()))
+            self.entropy[slot].append(float(routing_entropy(alpha).mean()))
             blocks.append(F.pad(alpha, (slot * N, (C - slot - 1) * N)))
             start += n
         self.route.set_weights(torch.cat(blocks), factors=self.bank.factors)

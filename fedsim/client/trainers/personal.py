@@ -29,7 +29,7 @@ from fedsim.baselines import MF_DIM, fit_mf, fit_mf_federated, mf_scores, mf_use
 from fedsim.client.trainers.base import Adapter
 from fedsim.core.capabilities import Capable
 from fedsim.models import sequential_crm
-from fedsim.models.bank import Bank, FusedBank, Router
+from fedsim.models.bank import Bank, FusedBank, Router, routing_entropy
 from fedsim.models.layout import lora_sites
 from fedsim.models.lora import MODE_ROLES, set_flat
 
@@ -109,8 +109,7 @@ class Personal(Adapter):
         if self.bank.fused:  # fused training: the FusedBank routes each client's rows (`set_rows`)
             return
         alpha = self.alpha(rows)
-        a = alpha.detach()
-        entropy = -(a * a.clamp_min(1e-12).log()).sum(1)
+        entropy = routing_entropy(alpha)
         if self.model.training:  # the local run's routing entropy (`metrics`)
             self.entropy.append(float(entropy.mean()))
         else:  # an evaluation's (`eval_metrics`)
