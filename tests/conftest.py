@@ -1,11 +1,57 @@
 import os
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+class Background:
+    """Slow jobs that need no Ray (the real model's training, in a process of its own), started as
+    soon as the tests that need them are collected: their minutes of CPU then fill the core that the
+    rest of the suite, mostly waiting on Ray processes that start and stop, leaves idle. A test
+    marked `@pytest.mark.background.with_args(job)` (`with_args`: a lone function argument would be
+    taken for the test to decorate) reads the job's result with the `background` fixture. `job(out)`
+    runs in a thread with `out` a fresh directory; it runs its work in a subprocess, so as not to hold
+    the GIL the tests need. Not for jobs with a Ray cluster of their own: two clusters starting at
+    once on one machine broke each other's runtime envs (tried with tests/test_placement.py's and
+    clusters/local_job.sh's)."""
+
+    def __init__(self, tmp_path_factory):
+        self.factory = tmp_path_factory
+        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="background")
+        self.jobs: dict = {}
+
+    def start(self, job) -> Future:
+        if job not in self.jobs:
+            self.jobs[job] = self.pool.submit(job, self.factory.mktemp(job.__name__))
+        return self.jobs[job]
+
+    def __call__(self, job):
+        """The job's result, once it has ended (started now if no collected test had asked for it)."""
+        return self.start(job).result()
+
+
+BACKGROUND = pytest.StashKey[Background]()
+
+
+def pytest_collection_finish(session):
+    for item in session.items:
+        for mark in item.iter_markers("background"):
+            session.config.stash.setdefault(BACKGROUND, Background(session.config._tmp_path_factory)).start(mark.args[0])
+
+
+def pytest_sessionfinish(session):
+    if BACKGROUND in session.config.stash:
+        session.config.stash[BACKGROUND].pool.shutdown(wait=True)
+
+
+@pytest.fixture(scope="session")
+def background(pytestconfig, tmp_path_factory) -> Background:
+    return pytestconfig.stash.setdefault(BACKGROUND, Background(tmp_path_factory))
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,9 @@
 """Training must work: tests that fail when the recommender stops learning, and the pieces that
 made it learn (TALLRec's protocol and prompt, items with their year, the lr schedule)."""
+import json
+import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -12,6 +16,8 @@ from fedsim.config import ConfigError, load_config
 from fedsim.data.prompt import PLAIN_TEMPLATE, TALLREC_TEMPLATE, render_prompt
 from fedsim.data.samples import build_samples, item_texts
 from fedsim.simulation import load_checkpoint, run
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # -- the lr schedule -------------------------------------------------------------------------------
@@ -163,13 +169,10 @@ def test_every_training_path_learns(tiny_cfg, tmp_path, path):
     assert losses[-1] < losses[0] - least_fall
 
 
-@pytest.mark.slow
-def test_real_smollm2_learns_on_seventy_real_rows():
-    """SmolLM2-135M on MovieLens-100K (TALLRec protocol and prompt), 72 training rows (18 steps of 4,
-    warm-up and cosine decay): the held-out loss on 64 fixed test rows must fall (measured 0.706 ->
-    0.606; on 100 rows, 24 steps gave 0.738 -> 0.597 and 12 steps only 0.738 -> 0.699). At this budget the ranking is not
-    learned yet; it is at 512 rows (0.77, the quickstart and docs/results.md), too slow for a test.
-    The tiny-model tests check AUC through Ray."""
+def train_real_smollm2(out: Path) -> None:
+    """SmolLM2-135M on MovieLens-100K (TALLRec protocol and prompt), 72 training rows in 18 steps of 4
+    (warm-up and cosine decay); the held-out loss on 64 fixed test rows before and after, written to
+    out/result.json. Run as this file's script: the test below starts it in the background."""
     from fedsim.client.executor import ClientExecutor
     from fedsim.config import to_dict
     from fedsim.metrics import logloss
@@ -179,8 +182,8 @@ def test_real_smollm2_learns_on_seventy_real_rows():
                                                   "train.rounds=1", "train.local_steps=18", "train.batch_size=4"])
     with tempfile.TemporaryDirectory() as tmp:
         info = prepare(cfg, Path(tmp), log=lambda *a: None)
-        # Both cores: CI runs this test alone (its threads would only contend on a loaded dev machine).
-        ex = ClientExecutor(to_dict(cfg), tmp, info["model_path"], 0, num_threads=2)
+        # One thread: it runs beside the rest of the suite, which leaves about one core idle.
+        ex = ClientExecutor(to_dict(cfg), tmp, info["model_path"], 0, num_threads=1)
 
         def test_loss(params):
             r = ex.evaluate(0, params, "test")
@@ -190,6 +193,29 @@ def test_real_smollm2_learns_on_seventy_real_rows():
         before, rows = test_loss(params)
         meta, delta = ex.train(0, 0, params, cfg.train.lr, [0])
         after, _ = test_loss(params + delta)
-    print(f"SmolLM2, {meta['num_samples']} rows: held-out loss {before:.3f} -> {after:.3f} on {rows} rows")
-    assert rows == 64 and meta["num_samples"] == 72
-    assert after < before - 0.05
+    (out / "result.json").write_text(json.dumps({"before": before, "after": after, "rows": rows,
+                                                 "trained": meta["num_samples"]}))
+
+
+def real_smollm2_training(out: Path) -> dict:
+    done = subprocess.run([sys.executable, __file__, str(out)], cwd=ROOT, capture_output=True, text=True, timeout=1200,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    return json.loads((out / "result.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.background.with_args(real_smollm2_training)
+def test_real_smollm2_learns_on_seventy_real_rows(background):
+    """The held-out loss must fall (measured 0.706 -> 0.606; on 100 rows, 24 steps gave 0.738 ->
+    0.597 and 12 steps only 0.738 -> 0.699). At this budget the ranking is not learned yet; it is at
+    512 rows (0.77, the quickstart and docs/results.md), too slow for a test. The tiny-model tests
+    check AUC through Ray."""
+    r = background(real_smollm2_training)
+    print(f"SmolLM2, {r['trained']} rows: held-out loss {r['before']:.3f} -> {r['after']:.3f} on {r['rows']} rows")
+    assert r["rows"] == 64 and r["trained"] == 72
+    assert r["after"] < r["before"] - 0.05
+
+
+if __name__ == "__main__":
+    train_real_smollm2(Path(sys.argv[1]))
