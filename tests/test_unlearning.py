@@ -170,6 +170,31 @@ def test_stacked_layer_mixes_factors_or_outputs_per_row():
         assert torch.allclose(layer(x)[:, 0], base(x[:, 0]) + 0.5 * x[:, 0] @ A[1].T @ B[1].T, atol=1e-5)
 
 
+def test_score_cache_returns_only_what_it_holds_for_its_own_model(tmp_path):
+    """Kept scores come back by prompt text, for the tag they were kept under; a prompt never scored,
+    a prompt whose text changed or another model's tag is a miss (scored again), and a later put
+    adds to the file without losing what it held."""
+    from fedsim.unlearning.merge import ScoreCache, cached
+
+    path = tmp_path / "scores.npz"
+    c = ScoreCache(path, "adapter-a")
+    assert c.get(["p1"]) is None
+    c.put(["p1", "p2"], np.array([0.1, 0.2]), 0.5)
+    values, seconds = c.get(["p2", "p1"])
+    assert values[:, 0].tolist() == [0.2, 0.1] and seconds == 0.5
+    assert c.get(["p1", "p3"]) is None and ScoreCache(path, "adapter-b").get(["p1"]) is None
+    c.put(["p3"], np.array([0.3]), 0.25)
+    assert c.get(["p1", "p2", "p3"])[0][:, 0].tolist() == [0.1, 0.2, 0.3]
+    calls = []
+    got = cached(c, ["p3", "p4"], lambda: calls.append(1) or np.array([0.33, 0.4]))[0]
+    assert calls == [1] and got[:, 0].tolist() == [0.33, 0.4]  # a partial hit scores every row asked
+    assert cached(c, ["p4"], lambda: calls.append(1) or np.array([9.0]))[0][:, 0].tolist() == [0.4]
+    assert calls == [1]
+    h = ScoreCache(tmp_path / "hidden.npz", "base")  # vectors (hidden states) as well as scores
+    h.put(["a", "b"], np.arange(6.0).reshape(2, 3), 0.1)
+    assert h.get(["b"])[0].tolist() == [[3.0, 4.0, 5.0]]
+
+
 @pytest.fixture(scope="module")
 def prepared(prepare_run):
     cfg = load_config("configs/tiny.yaml", ["tracking.enabled=false", "unlearning.shards=3"])
@@ -218,6 +243,44 @@ def test_stacked_shard_model_scores_like_each_peft_adapter_and_merges_in_one_for
     assert np.allclose(preds["prob_weights"], expected[0], atol=1e-5)
     assert (preds["prob_weights"] == preds["prob_outputs"]).all() and (preds["prob_sisa"] == preds["prob_shard_0"]).all()
     assert metrics["apa_weights/auc"] == metrics["sisa/auc"] == metrics["shard/0/auc"]
+
+
+def test_a_merge_with_kept_scores_scores_only_the_adapters_it_has_not_seen(prepared, tmp_path, monkeypatch):
+    """The merge keeps each adapter's scores and the base model's hidden states; merging again with
+    one adapter replaced (what a deletion does) runs single-adapter forwards for that adapter only,
+    and gives what a merge without kept scores gives."""
+    from fedsim.models.loader import load_base
+    from fedsim.models.lora import attach_lora, export_state, get_flat, trainable
+    from fedsim.unlearning.merge import ScoreCache, ShardModel, evaluate_merge
+    from fedsim.unlearning.sharded import read_rows
+
+    cfg, run = prepared
+    rows = read_rows(run.run_dir)
+    valid = rows[rows["split"] == "valid"].head(16).reset_index(drop=True)
+    test = rows[rows["split"] == "test"].head(16).reset_index(drop=True)
+    model = attach_lora(load_base(run.model_path, "float32")[0], cfg.model.lora, 0)
+    flat0 = get_flat(trainable(model))
+    state = lambda k: {n: v.clone() for n, v in export_state(  # noqa: E731
+        model, flat0 + 0.3 * torch.randn(flat0.shape, generator=torch.Generator().manual_seed(k)))[0].items()}
+    states = [state(0), state(1)]
+    calls = []
+    predict, embed = ShardModel.predict, ShardModel.embed
+    monkeypatch.setattr(ShardModel, "predict", lambda self, r, weights=None, shard=None, factors=False: (
+        calls.append(shard), predict(self, r, weights, shard, factors))[1])
+    monkeypatch.setattr(ShardModel, "embed", lambda self, r: (calls.append("embed"), embed(self, r))[1])
+    caches = lambda tags: [ScoreCache(tmp_path / f"s{k}_{t}.npz", t) for k, t in enumerate(tags)]  # noqa: E731
+    hidden = ScoreCache(tmp_path / "hidden.npz", "base")
+    quiet = lambda *a: None  # noqa: E731
+    first, _ = evaluate_merge(cfg, run.model_path, states, valid, test, quiet, caches(["a", "b"]), hidden)
+    assert sorted(calls, key=str) == sorted([0, 0, 1, 1, None, None, "embed", "embed"], key=str)
+    calls.clear()
+    states[1] = state(2)  # shard 1 retrained: a new adapter file, a new tag
+    again, preds = evaluate_merge(cfg, run.model_path, states, valid, test, quiet, caches(["a", "c"]), hidden)
+    assert sorted(calls, key=str) == sorted([1, 1, None, None], key=str)
+    assert again["shard/0/auc"] == first["shard/0/auc"]
+    fresh, ref = evaluate_merge(cfg, run.model_path, states, valid, test, quiet)
+    for col in ("prob_shard_0", "prob_shard_1", "prob_weights", "prob_outputs"):
+        assert np.allclose(preds[col], ref[col], atol=1e-6), col
 
 
 def test_semantic_assignment_from_the_base_models_hidden_states_is_balanced(prepared):
@@ -300,6 +363,7 @@ def test_shard_adapters_learn_and_a_deletion_retrains_only_its_shard_exactly(ray
     files = shard_files(a_dir, other)
     adapter = lambda d, s: load_file(str(shard_dir(d, s) / "adapter" / "adapter_model.safetensors"))  # noqa: E731
     old = adapter(a_dir, k)
+    kept_scores = (shard_dir(a_dir, other) / "scores.npz").stat().st_mtime_ns
 
     assert main(["unlearn", str(a_dir), "--users", str(user)]) == 0
     report = json.loads(next((a_dir / "unlearning").glob("deletion_*.json")).read_text())
@@ -308,6 +372,11 @@ def test_shard_adapters_learn_and_a_deletion_retrains_only_its_shard_exactly(ray
     assert report["shards_retrained"] == [k] and report["shards_untouched"] == [other]
     assert report["rows_deleted_by_split"]["train"] == int((train["user"] == user).sum()) > 0
     assert report["untouched_files_unchanged"] and shard_files(a_dir, other) == files
+    # the re-merge scored the retrained shard only: the untouched shard's scores were reused as kept
+    after = pd.read_parquet(a_dir / "predictions.parquet").merge(preds, on=["user", "item", "timestamp"])
+    assert (shard_dir(a_dir, other) / "scores.npz").stat().st_mtime_ns == kept_scores
+    assert (after[f"prob_shard_{other}_x"] == after[f"prob_shard_{other}_y"]).all() and len(after) > 100
+    assert 0 < report["merge_seconds"] < report["unlearn_seconds"]
     assert report["data_sha256_before"][k] != report["data_sha256_after"][k]
     assert report["data_sha256_before"][other] == report["data_sha256_after"][other]
     assert report["auc_after"]["auc"] > 0.7 and report["original_train_seconds"] > report["retrain_seconds"] > 0

@@ -8,15 +8,24 @@ rows runs one forward with per-row weights: merge `weights` mixes the factors, (
 (APA's D merge), `outputs` mixes the adapters' outputs, sum w B A x (APA's ND merge). The single
 shard predictions (each adapter alone, which the weights and SISA need) are one-hot routes of the
 same model.
+
+Scores are kept (`ScoreCache`): each shard adapter's p(Yes) per prompt in its shard's directory, and
+the base model's hidden states per prompt in the run's. A deletion leaves an untouched shard's
+adapter as it was, so the re-merge scores only the retrained shards plus the two merged forwards,
+and a merge cut short resumes with the shards it had scored.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
+from fedsim.core.files import atomic_write
 from fedsim.data.prompt import prompt_template, render_prompts
 from fedsim.metrics import auc, auc_ci
 from fedsim.models.fused import FusedLoRA
@@ -42,6 +51,63 @@ def hidden_states(model, tokenizer, texts: list[str], max_length: int, batch_siz
         m = batch["attention_mask"].unsqueeze(-1).float()
         out.append(((h * m).sum(1) / m.sum(1)).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0))
+
+
+class ScoreCache:
+    """Values per prompt ([rows, d] floats) for one model, in one .npz file: found by the sha256 of
+    the prompt's text, so a row whose prompt changed is scored again; `tag` names the model (an
+    adapter file's sha256, the base model's path) and a file of another tag is ignored. Also keeps
+    the seconds per row the values took, so the timing of a merge survives its reuse."""
+
+    def __init__(self, path: Path, tag: str):
+        self.path, self.tag = Path(path), tag
+
+    @staticmethod
+    def keys(texts: list[str]) -> np.ndarray:
+        return np.array([hashlib.sha256(t.encode()).hexdigest() for t in texts])
+
+    def _read(self):
+        if not self.path.exists():
+            return None
+        with np.load(self.path, allow_pickle=False) as z:
+            if str(z["tag"]) != self.tag:
+                return None
+            return z["keys"], z["values"], float(z["seconds_per_row"])
+
+    def get(self, texts: list[str]) -> tuple[np.ndarray, float] | None:
+        """(values of these prompts, seconds per row) when every one is kept, else None."""
+        got = self._read()
+        if got is None:
+            return None
+        keys, values, seconds = got
+        where = dict(zip(keys.tolist(), range(len(keys))))
+        idx = [where.get(k) for k in self.keys(texts)]
+        if any(i is None for i in idx):
+            return None
+        return values[np.array(idx, dtype=np.int64)].reshape(len(texts), -1), seconds
+
+    def put(self, texts: list[str], values: np.ndarray, seconds_per_row: float) -> None:
+        keys, values = self.keys(texts), np.asarray(values).reshape(len(texts), -1)
+        got = self._read()
+        if got is not None and got[1].shape[1] == values.shape[1]:
+            old = ~np.isin(got[0], keys)
+            keys, values = np.concatenate([got[0][old], keys]), np.concatenate([got[1][old], values])
+        buf = io.BytesIO()
+        np.savez(buf, tag=np.array(self.tag), keys=keys, values=values, seconds_per_row=np.array(seconds_per_row))
+        atomic_write(self.path, lambda f: f.write(buf.getvalue()))
+
+
+def cached(cache: ScoreCache | None, texts: list[str], compute) -> tuple[np.ndarray, float]:
+    """(values [rows, d], seconds per row): kept ones, or `compute()` -> (values, seconds) kept now."""
+    hit = cache.get(texts) if cache is not None else None
+    if hit is not None:
+        return hit
+    t0 = time.perf_counter()
+    values = np.asarray(compute()).reshape(len(texts), -1)
+    seconds = (time.perf_counter() - t0) / max(1, len(texts))
+    if cache is not None and len(texts):
+        cache.put(texts, values, seconds)
+    return values, seconds
 
 
 def row_losses(p: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -123,31 +189,43 @@ def _auc(y, p, seed) -> dict:
 
 
 def evaluate_merge(cfg, model_path: str, adapters: list[dict], valid: pd.DataFrame, test: pd.DataFrame,
-                   log=print) -> tuple[dict, pd.DataFrame]:
+                   log=print, caches: list[ScoreCache] | None = None,
+                   hidden_cache: ScoreCache | None = None) -> tuple[dict, pd.DataFrame]:
     """Scores of `test` by every shard alone, SISA's average, APA's two merges: (metrics, per-row
     predictions). Metrics: shard/<k>/auc, shard_auc_mean, sisa/auc, apa_weights/auc,
     apa_outputs/auc (each with its 95 % bootstrap interval), and seconds per row of a single
-    adapter's forward and of a merged one."""
+    adapter's forward and of a merged one. `caches` (one per adapter) and `hidden_cache` keep and
+    reuse each adapter's scores and the base model's hidden states (`ScoreCache`)."""
     u, seed = cfg.unlearning, cfg.train.seed
     m = ShardModel(cfg, model_path, adapters)
     K = len(adapters)
     yt = test["label"].to_numpy()
+    tv, tt = prompts(cfg, valid), prompts(cfg, test)
+
+    def single(k, rows, texts):  # (p [rows], seconds per row) of adapter k alone
+        p, s = cached(caches[k] if caches else None, texts, lambda: m.predict(rows, shard=k)[0])
+        return p[:, 0], s
+
     if K == 1:  # one adapter (plain retraining): every merge is that adapter, no neighbours to weigh
         log(f"merge: one adapter, scoring {len(test)} test rows")
-        singles = [m.predict(test, shard=0)]
-        pt = singles[0][0][:, None]
+        singles = [single(0, test, tt)]
         w = np.ones((len(test), 1))
         (p_w, s_w), (p_o, s_o) = singles[0], singles[0]
     else:
         log(f"merge: hidden states of {len(valid)} valid and {len(test)} test rows")
-        ev, et = m.embed(valid), m.embed(test)
+        ev = cached(hidden_cache, tv, lambda: m.embed(valid))[0]
+        et = cached(hidden_cache, tt, lambda: m.embed(test))[0]
+        if caches:
+            kept = [k for k in range(K) if caches[k].get(tv) is not None and caches[k].get(tt) is not None]
+            log(f"merge: shards {kept} kept their scores; the other {K - len(kept)} score the rows")
         yv = valid["label"].to_numpy()
-        pv = np.stack([m.predict(valid, shard=k)[0] for k in range(K)], 1)
-        singles = [m.predict(test, shard=k) for k in range(K)]
-        pt = np.stack([p for p, _ in singles], 1)
+        pv = np.stack([single(k, valid, tv)[0] for k in range(K)], 1)
+        singles = [single(k, test, tt) for k in range(K)]
         w = neighbour_weights(et, ev, row_losses(pv, yv), u.neighbours, u.tau)
         p_w, s_w = m.predict(test, weights=w, factors=True)
         p_o, s_o = m.predict(test, weights=w, factors=False)
+        s_w, s_o = s_w / max(1, len(test)), s_o / max(1, len(test))
+    pt = np.stack([p for p, _ in singles], 1)
     p_sisa = pt.mean(1)
     out = {}
     for k in range(K):
@@ -157,9 +235,8 @@ def evaluate_merge(cfg, model_path: str, adapters: list[dict], valid: pd.DataFra
         out.update({f"{name}/{n}": v for n, v in _auc(yt, p, seed).items()})
     chosen = p_w if u.merge == "weights" else p_o
     out.update(_auc(yt, chosen, seed))
-    rows = max(1, len(test))
-    out.update({"seconds_per_row_single": float(np.mean([s for _, s in singles])) / rows,
-                "seconds_per_row_weights": s_w / rows, "seconds_per_row_outputs": s_o / rows,
+    out.update({"seconds_per_row_single": float(np.mean([s for _, s in singles])),
+                "seconds_per_row_weights": s_w, "seconds_per_row_outputs": s_o,
                 "weight_entropy": float(-(w * np.log(np.clip(w, 1e-12, None))).sum(1).mean()), "rows": float(len(test))})
     preds = test[["user", "item", "timestamp", "client", "label"]].reset_index(drop=True).assign(
         prob=chosen, prob_weights=p_w, prob_outputs=p_o, prob_sisa=p_sisa,

@@ -31,7 +31,7 @@ from fedsim.postprocessors import describe
 from fedsim.prepare import prepare
 from fedsim.simulation import Simulation, init_ray, load_run_config, new_run_dir, sample_clients
 from fedsim.tracking import Tracker, resolve_uri
-from fedsim.unlearning.merge import evaluate_merge, hidden_states, prompts
+from fedsim.unlearning.merge import ScoreCache, evaluate_merge, hidden_states, prompts
 from fedsim.unlearning.partition import assign
 
 KEY = ["user", "item", "timestamp"]
@@ -149,26 +149,32 @@ def train_shard(cfg: Config, run_dir: Path, rows: pd.DataFrame, k: int, info: di
     return summary
 
 
-def load_adapters(run_dir: Path, shards: int) -> tuple[list[int], list[dict]]:
-    """(the shards that have an adapter, their peft state dicts)."""
+def load_adapters(run_dir: Path, shards: int) -> tuple[list[int], list[dict], list[str]]:
+    """(the shards that have an adapter, their peft state dicts, the sha256 of their files)."""
     from safetensors.torch import load_file
 
-    ks, states = [], []
+    ks, states, digests = [], [], []
     for k in range(shards):
         path = shard_dir(run_dir, k) / "adapter" / "adapter_model.safetensors"
         if path.exists():
             ks.append(k)
             states.append(load_file(str(path)))
-    return ks, states
+            digests.append(hashlib.sha256(path.read_bytes()).hexdigest())
+    return ks, states, digests
 
 
 def merge_and_report(cfg: Config, run_dir: Path, rows: pd.DataFrame, model_path: str, log=print) -> tuple[dict, pd.DataFrame]:
     """Scores of the evaluation rows by the shard adapters (`fedsim.unlearning.merge`); the
     per-shard keys are renamed to the shard numbers (a shard without rows has no adapter)."""
-    ks, states = load_adapters(run_dir, cfg.unlearning.shards)
+    ks, states, digests = load_adapters(run_dir, cfg.unlearning.shards)
     valid = rows[rows["split"] == "valid"].reset_index(drop=True)
     test = rows[rows["split"] == cfg.eval.split].reset_index(drop=True)
-    metrics, preds = evaluate_merge(cfg, model_path, states, valid, test, log)
+    # Kept scores: a shard's lie in its directory (a retrained shard's directory is new), tagged
+    # with its adapter file and what else shapes a score (dtype, prompt length).
+    shape = f"{cfg.model.dtype}/{cfg.model.max_length}"
+    caches = [ScoreCache(shard_dir(run_dir, k) / "scores.npz", f"{d}/{shape}") for k, d in zip(ks, digests)]
+    hidden = ScoreCache(Path(run_dir) / "unlearning" / "hidden_states.npz", f"{model_path}/{shape}")
+    metrics, preds = evaluate_merge(cfg, model_path, states, valid, test, log, caches, hidden)
     out = {}
     for key, v in metrics.items():
         parts = key.split("/")
