@@ -370,6 +370,7 @@ def test_shard_adapters_learn_and_a_deletion_retrains_only_its_shard_exactly(ray
     report["data_sha256_before"] = {int(s): h for s, h in report["data_sha256_before"].items()}
     report["data_sha256_after"] = {int(s): h for s, h in report["data_sha256_after"].items()}
     assert report["shards_retrained"] == [k] and report["shards_untouched"] == [other]
+    assert report["rows_naming_deleted_in_history"] == 0 and report["history_mentions_file"] is None
     assert report["rows_deleted_by_split"]["train"] == int((train["user"] == user).sum()) > 0
     assert report["untouched_files_unchanged"] and shard_files(a_dir, other) == files
     # the re-merge scored the retrained shard only: the untouched shard's scores were reused as kept
@@ -422,3 +423,28 @@ def test_a_sharded_trials_row_in_a_sweep_holds_the_merge_and_its_comparisons(tmp
     row = trial_row({"trial": 2, "params": t.params, "config": to_dict(t.cfg), "run_dir": str(tmp_path)}, None, False)
     assert row["status"] == "FINISHED" and row["unlearning.shards"] == 4 and row["train_seconds"] == 7.0
     assert {k: row[k] for k in final} == final and row["wall_seconds"] == 9.0
+
+
+def test_deleting_one_rating_names_the_later_rows_whose_history_holds_it(prepared):
+    """A rating's title is in the history of the same user's later rows (built at prepare): deleting
+    the rating alone leaves that trace, so the deletion names those rows; deleting the user leaves none."""
+    from fedsim.unlearning.sharded import read_rows
+    from fedsim.unlearning.unlearn import history_mentions
+
+    _, run = prepared
+    rows = read_rows(run.run_dir)
+    rows = rows.sort_values(["user", "timestamp"]).reset_index(drop=True)
+    first = rows.groupby("user").head(1)
+    user_rows = lambda u: rows[rows["user"] == u]  # noqa: E731
+    # a user's earliest row in the run, whose title the next rows' histories hold
+    pick = next(r for _, r in first.iterrows()
+                if any(r["title"] in set(a) | set(b) for a, b in zip(user_rows(r["user"])["liked"].iloc[1:],
+                                                                      user_rows(r["user"])["disliked"].iloc[1:])))
+    gone = (rows["user"] == pick["user"]) & (rows["timestamp"] == pick["timestamp"]) & (rows["item"] == pick["item"])
+    named = history_mentions(rows[~gone], rows[gone])
+    later = user_rows(pick["user"]).iloc[1:]
+    expected = [i for i, a, b in zip(later.index, later["liked"], later["disliked"]) if pick["title"] in set(a) | set(b)]
+    assert sorted(named.index.tolist()) == expected and len(expected) > 0
+    assert (named["user"] == pick["user"]).all() and (named["timestamp"] > pick["timestamp"]).all()
+    everyone = rows["user"] == pick["user"]
+    assert history_mentions(rows[~everyone], rows[everyone]).empty

@@ -53,6 +53,17 @@ def rows_to_delete(rows: pd.DataFrame, users: list[int] | None, rows_file: str |
     return pd.Series(hit, index=rows.index)
 
 
+def history_mentions(kept: pd.DataFrame, deleted: pd.DataFrame) -> pd.DataFrame:
+    """The kept rows whose prompt names a deleted rating: a later row of the same user whose history
+    (its liked or disliked titles, built at prepare from the user's earlier ratings) holds the
+    deleted row's title. Deleting a user leaves none; deleting single ratings can."""
+    gone = deleted[["user", "timestamp", "title"]].rename(columns={"timestamp": "gone_at", "title": "gone_title"})
+    pairs = kept.reset_index().merge(gone, on="user")
+    pairs = pairs[pairs["timestamp"] > pairs["gone_at"]]
+    hit = [t in set(a) or t in set(b) for t, a, b in zip(pairs["gone_title"], pairs["liked"], pairs["disliked"])]
+    return kept.loc[sorted(set(pairs.loc[hit, "index"].tolist()))]
+
+
 def _drop_keys(path: Path, deleted: pd.DataFrame) -> None:
     """Rewrite the Parquet file at `path` (if any) without the rows whose key is in `deleted`."""
     if not path.exists():
@@ -91,6 +102,16 @@ def unlearn(run_dir: str | Path, users: list[int] | None = None, rows_file: str 
     hashes_before = {k: data_hash(rows[train & (rows["shard"] == k)]) for k in range(K)}
     untouched = {k: shard_files(run_dir, k) for k in range(K) if k not in affected}
     log(f"unlearn: {int(gone.sum())} rows ({int((deleted['split'] == 'train').sum())} train) in shards {affected}")
+    # Exactness covers the rows as prepared; a later row's history may still name a deleted rating.
+    mentions = history_mentions(rows[~gone], deleted)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    mentions_file = None
+    if len(mentions):
+        mentions_file = run_dir / "unlearning" / f"history_mentions_{stamp}.csv"
+        mentions[KEY].to_csv(mentions_file, index=False)
+        log(f"unlearn: {len(mentions)} kept rows name a deleted rating in their prompt's history "
+            f"(shards {sorted(set(mentions['shard'].tolist()) - {-1})}); to remove that trace too: "
+            f"fedsim unlearn {run_dir} --rows {mentions_file}")
 
     # The rows leave the run's data: the clients' files, the partition, every shard's data files.
     kept = rows[~gone].reset_index(drop=True)
@@ -126,6 +147,8 @@ def unlearn(run_dir: str | Path, users: list[int] | None = None, rows_file: str 
         "request": {"users": users} if users else {"rows_file": str(rows_file)},
         "rows_deleted": int(gone.sum()),
         "rows_deleted_by_split": {s: int((deleted["split"] == s).sum()) for s in ("train", "valid", "test")},
+        "rows_naming_deleted_in_history": len(mentions),
+        "history_mentions_file": str(mentions_file) if mentions_file else None,
         "shards_retrained": affected, "shards_untouched": [k for k in range(K) if k not in affected],
         "untouched_files_unchanged": all(shard_files(run_dir, k) == files for k, files in untouched.items()),
         "data_sha256_before": hashes_before, "data_sha256_after": hashes_after,
@@ -138,7 +161,6 @@ def unlearn(run_dir: str | Path, users: list[int] | None = None, rows_file: str 
         "retrained": {k: {"train_seconds": s.get("train_seconds", 0.0), "empty": bool(s.get("empty"))}
                       for k, s in retrained.items()},
     }
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     out = run_dir / "unlearning" / f"deletion_{stamp}.json"
     out.write_text(json.dumps(report, indent=1, default=float))
     report["report_path"] = str(out)
