@@ -219,8 +219,13 @@ def evaluate_merge(cfg, model_path: str, adapters: list[dict], valid: pd.DataFra
             kept = [k for k in range(K) if caches[k].get(tv) is not None and caches[k].get(tt) is not None]
             log(f"merge: shards {kept} kept their scores; the other {K - len(kept)} score the rows")
         yv = valid["label"].to_numpy()
-        pv = np.stack([single(k, valid, tv)[0] for k in range(K)], 1)
-        singles = [single(k, test, tt) for k in range(K)]
+        pv, singles, t0 = [], [], time.perf_counter()
+        for k in range(K):  # each adapter alone on the valid rows (the weights) and the test rows
+            pv.append(single(k, valid, tv)[0])
+            singles.append(single(k, test, tt))
+            spent = time.perf_counter() - t0
+            log(f"merge: shard {k + 1}/{K} scored ({spent:.0f} s, about {spent / (k + 1) * (K - k - 1):.0f} s to go)")
+        pv = np.stack(pv, 1)
         w = neighbour_weights(et, ev, row_losses(pv, yv), u.neighbours, u.tau)
         p_w, s_w = m.predict(test, weights=w, factors=True)
         p_o, s_o = m.predict(test, weights=w, factors=False)
