@@ -111,7 +111,14 @@ def cmd_compare(a) -> int:
 
     if a.plot and not a.by_client:
         raise ValueError("--plot draws the per-client comparison: add --by-client")
-    if a.by_client:
+    if a.against or a.run_b is None:
+        if a.run_b is not None or a.by_client or not a.against:
+            raise ValueError("compare a sweep as: fedsim compare SWEEP_DIR --against KEY=VALUE (no RUN_B, no --by-client)")
+        from fedsim.compare import compare_sweep, format_sweep_comparison
+
+        result = compare_sweep(a.run_a, a.against, seed=a.seed, n_boot=a.boot)
+        print(format_sweep_comparison(result))
+    elif a.by_client:
         result = compare_by_client(a.run_a, a.run_b, seed=a.seed, n_boot=a.boot)
         print(format_client_comparison(result))
         if a.plot:
@@ -222,9 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     b.set_defaults(fn=cmd_baselines)
 
-    c = sub.add_parser("compare", help="is run A better than run B? paired AUC difference on their shared rows")
-    c.add_argument("run_a", metavar="RUN_A", help="a finished run directory")
-    c.add_argument("run_b", metavar="RUN_B", help="another run directory, or baseline:<name> (that baseline in RUN_A)")
+    c = sub.add_parser("compare", help="is run A better than run B (or each trial of a sweep than its reference)? paired AUC difference on their shared rows")
+    c.add_argument("run_a", metavar="RUN_A", help="a finished run directory (or a sweep directory, with --against)")
+    c.add_argument("run_b", metavar="RUN_B", nargs="?",
+                   help="another run directory, or baseline:<name> (that baseline in RUN_A)")
+    c.add_argument("--against", metavar="KEY=VALUE",
+                   help="RUN_A is a sweep: each trial against the trial of the same settings and seed with KEY=VALUE")
     c.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     c.add_argument("--boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
     c.add_argument("--by-client", action="store_true",

@@ -182,3 +182,95 @@ def plot_client_comparisons(results: list[dict], path: str | Path, a_label: str 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+# -- every trial of a sweep against its reference ----------------------------------------------------
+
+def _same(a, b) -> bool:
+    """Grid values as a sweep file and a command line give them: 1 == 1.0 == "1", inf == "inf"."""
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return str(a) == str(b)
+
+
+def compare_sweep(sweep_dir: str | Path, against: str, seed: int = 0, n_boot: int = 1000) -> dict:
+    """Each trial of a sweep against its reference: the trial with the same settings (the seed
+    included, so the pair shares its data, partition and rows) but `against` ("KEY=VALUE"), as
+    `compare_runs` does for two runs. Then, per arm (the settings but the seed), the paired
+    differences of its seeds and how many exclude 0 either way."""
+    sweep_dir = Path(sweep_dir)
+    path = sweep_dir / "sweep.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{sweep_dir} is not a sweep directory (no sweep.json; give the directory "
+                                f"`fedsim tune` printed, <output_dir>/<name>-<timestamp>)")
+    sweep = json.loads(path.read_text())
+    key, sep, value = against.partition("=")
+    if not sep or key not in sweep["keys"]:
+        raise ValueError(f"--against {against!r}: give KEY=VALUE with KEY one of the sweep's keys {sweep['keys']}")
+    trials = sweep["trials"]
+    if not any(_same(t["params"].get(key), value) for t in trials):
+        raise ValueError(f"--against {against}: no trial has {key} = {value} (its values: "
+                         f"{sorted({str(t['params'].get(key)) for t in trials})})")
+    others = [k for k in sweep["keys"] if k != key]
+    rows = []
+    for t in trials:
+        p = t["params"]
+        ref = next((r for r in trials if _same(r["params"].get(key), value)
+                    and all(_same(r["params"].get(k), p.get(k)) for k in others)), None)
+        row = {"trial": t["trial"], "params": p, "run_dir": t["run_dir"], "reference": ref and ref["trial"]}
+        rows.append(row)
+        if not (Path(t["run_dir"]) / "predictions.parquet").exists():
+            row["status"] = "not finished"
+            continue
+        preds = load_predictions(t["run_dir"])
+        y, s = preds["label"].to_numpy(), preds["prob"].to_numpy()
+        low, high = auc_ci(y, s, seed=seed, n_boot=n_boot)
+        row["a"] = {"auc": auc(y, s), "low": low, "high": high}
+        if ref is None:
+            row["status"] = f"no trial with {key} = {value} and the same other settings"
+        elif ref["trial"] == t["trial"]:
+            row["status"] = "reference"
+        elif not (Path(ref["run_dir"]) / "predictions.parquet").exists():
+            row["status"] = f"its reference (trial {ref['trial']}) has not finished"
+        else:
+            r = compare_runs(t["run_dir"], ref["run_dir"], seed=seed, n_boot=n_boot)
+            d = {k: r[k] for k in ("diff", "low", "high", "p_value")}
+            row.update(status="compared", rows=r["rows"], diff=d, verdict=verdict(d, "trial", "reference"))
+    arms = {}  # an arm: a trial's settings but the seed
+    for row in rows:
+        if row["status"] == "compared":
+            arm = tuple((k, row["params"].get(k)) for k in sweep["keys"] if k != "train.seed")
+            arms.setdefault(arm, []).append(row)
+    summary = [{"arm": dict(arm), "seeds": [r["params"].get("train.seed") for r in rs],
+                "diffs": [r["diff"]["diff"] for r in rs],
+                "better": sum(r["diff"]["low"] > 0 for r in rs), "worse": sum(r["diff"]["high"] < 0 for r in rs)}
+               for arm, rs in arms.items()]
+    return {"sweep": str(sweep_dir), "name": sweep["name"], "keys": sweep["keys"], "against": {key: value},
+            "trials": rows, "arms": summary, "seed": seed, "n_boot": n_boot}
+
+
+def format_sweep_comparison(r: dict) -> str:
+    """Markdown: a row per trial (its settings, AUC with interval, the paired difference against its
+    reference with interval and verdict), then a line per arm over its seeds."""
+    (key, value), = r["against"].items()
+    keys = r["keys"]
+    lines = [f"sweep {r['name']}: every trial against its {key} = {value} trial of the same settings and seed "
+             f"(paired over the rows both scored; 95 % intervals, {r['n_boot']} bootstrap resamples)", "",
+             "| " + " | ".join(keys) + f" | AUC | − ({key} = {value}) | verdict |",
+             "|" + "---|" * (len(keys) + 3)]
+    for row in r["trials"]:
+        a = row.get("a")
+        cell = fmt_interval(a["auc"], a["low"], a["high"]) if a else "—"
+        d = row.get("diff")
+        diff = fmt_diff({**d, "rows": row["rows"]}) if d else row["status"]
+        lines.append("| " + " | ".join(str(row["params"].get(k)) for k in keys) + f" | {cell} | {diff} | "
+                     f"{row.get('verdict', '')} |")
+    for arm in r["arms"]:
+        name = ", ".join(f"{k} = {v}" for k, v in arm["arm"].items()) or "all"
+        n = len(arm["seeds"])
+        lines.append(f"\n{name}: − ({key} = {value}) in seeds {arm['seeds']}: "
+                     + ", ".join(fmt_signed(d) for d in arm["diffs"])
+                     + f" (mean {fmt_signed(float(np.mean(arm['diffs'])))}); better in {arm['better']} of {n}, "
+                       f"worse in {arm['worse']}, within noise in {n - arm['better'] - arm['worse']}")
+    return "\n".join(lines)

@@ -168,3 +168,46 @@ def test_summary_table_shows_intervals_and_paired_verdicts(runs):
     assert f"federated − popularity: {p['diff']:+.3f} [{p['low']:+.3f}, {p['high']:+.3f}] paired over {N} rows " \
            f"(federated better)" in text
     assert "federated − logistic_mf: " in text and "(within noise)" in text
+
+
+def test_compare_sweep_pairs_each_trial_with_its_reference_of_the_same_seed(tmp_path, capsys):
+    """`fedsim compare SWEEP --against KEY=VALUE`: each trial against the trial of the same seed
+    and other settings with KEY=VALUE, on the rows both scored; per arm, its seeds' differences.
+    A trial without predictions is named as not finished; a bad --against names the sweep's keys."""
+    from fedsim.compare import compare_sweep
+
+    sweep, trials = tmp_path / "sweep", []
+    noise = {"plain": 1.0, "good": 0.3, "bad": 3.0}
+    for seed in (0, 1):
+        df = rows(seed=seed)  # each seed its own rows, as a seed's data and partition are its own
+        for arm in ("plain", "good", "bad"):
+            n = len(trials)
+            run = sweep / "runs" / f"trial_{n:03d}"
+            if (seed, arm) != (1, "bad"):  # one trial did not finish
+                make_run(run, df, noise[arm], 1000 + n)  # a noise stream apart from the rows' own
+            trials.append({"trial": n, "params": {"train.seed": seed, "arm": arm}, "run_dir": str(run)})
+    (sweep / "sweep.json").write_text(json.dumps({"name": "demo", "keys": ["arm", "train.seed"], "trials": trials}))
+
+    r = compare_sweep(sweep, "arm=plain", n_boot=300)
+    by = {(t["params"]["train.seed"], t["params"]["arm"]): t for t in r["trials"]}
+    assert by[0, "plain"]["status"] == by[1, "plain"]["status"] == "reference"
+    assert by[0, "good"]["reference"] == by[0, "plain"]["trial"] and by[1, "good"]["reference"] == by[1, "plain"]["trial"]
+    for seed in (0, 1):
+        a = pd.read_parquet(sweep / "runs" / f"trial_{3 * seed + 1:03d}" / "predictions.parquet")
+        b = pd.read_parquet(sweep / "runs" / f"trial_{3 * seed:03d}" / "predictions.parquet")
+        assert by[seed, "good"]["diff"]["diff"] == pytest.approx(auc(a["label"], a["prob"]) - auc(b["label"], b["prob"]))
+        assert by[seed, "good"]["verdict"] == "trial better" and by[seed, "good"]["rows"] == N
+    assert by[0, "bad"]["verdict"] == "reference better" and by[1, "bad"]["status"] == "not finished"
+    arms = {a["arm"]["arm"]: a for a in r["arms"]}
+    assert arms["good"]["seeds"] == [0, 1] and arms["good"]["better"] == 2 and arms["bad"]["worse"] == 1
+
+    assert main(["compare", str(sweep), "--against", "arm=plain", "--boot", "300"]) == 0
+    out = capsys.readouterr().out
+    assert "| good | 0 |" in out and "trial better" in out and "not finished" in out
+    assert "arm = good: − (arm = plain) in seeds [0, 1]" in out and "better in 2 of 2" in out
+    assert main(["compare", str(sweep), "--against", "lr=1"]) == 2
+    assert "the sweep's keys ['arm', 'train.seed']" in capsys.readouterr().err
+    assert main(["compare", str(sweep), "--against", "arm=huge"]) == 2
+    assert "no trial has arm = huge (its values: ['bad', 'good', 'plain'])" in capsys.readouterr().err
+    assert main(["compare", str(tmp_path), "--against", "arm=plain"]) == 2
+    assert "is not a sweep directory (no sweep.json" in capsys.readouterr().err
