@@ -114,10 +114,12 @@ def cmd_compare(a) -> int:
     if a.against or a.run_b is None:
         if a.run_b is not None or a.by_client or not a.against:
             raise ValueError("compare a sweep as: fedsim compare SWEEP_DIR --against KEY=VALUE (no RUN_B, no --by-client)")
-        from fedsim.compare import compare_sweep, format_sweep_comparison
+        from fedsim.compare import compare_sweep, format_sweep_comparison, save_sweep_comparison
 
         result = compare_sweep(a.run_a, a.against, seed=a.seed, n_boot=a.boot)
-        print(format_sweep_comparison(result))
+        text = format_sweep_comparison(result)
+        print(text)
+        print("written: " + ", ".join(str(p) for p in save_sweep_comparison(result, text)))
     elif a.by_client:
         result = compare_by_client(a.run_a, a.run_b, seed=a.seed, n_boot=a.boot)
         print(format_client_comparison(result))

@@ -274,3 +274,24 @@ def format_sweep_comparison(r: dict) -> str:
                      + f" (mean {fmt_signed(float(np.mean(arm['diffs'])))}); better in {arm['better']} of {n}, "
                        f"worse in {arm['worse']}, within noise in {n - arm['better'] - arm['worse']}")
     return "\n".join(lines)
+
+
+def save_sweep_comparison(r: dict, text: str) -> list[Path]:
+    """The comparison in the sweep directory (`compare_<KEY>=<VALUE>.md` and `.json`) and, where the
+    sweep tracked to MLflow, as artifacts of its parent run (folder `compare`)."""
+    sweep_dir = Path(r["sweep"])
+    (key, value), = r["against"].items()
+    md, js = sweep_dir / f"compare_{key}={value}.md", sweep_dir / f"compare_{key}={value}.json"
+    md.write_text(text + "\n")
+    js.write_text(json.dumps(r, indent=1, default=float))
+    sweep = json.loads((sweep_dir / "sweep.json").read_text())
+    tracking, parent = sweep.get("tracking") or {}, sweep.get("parent_run_id")
+    if tracking.get("enabled") and parent:
+        from mlflow import MlflowClient
+
+        from fedsim.tracking import retry_locked
+
+        client = MlflowClient(tracking["uri"])
+        for path in (md, js):
+            retry_locked(client.log_artifact, parent, str(path), artifact_path="compare")
+    return [md, js]

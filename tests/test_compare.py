@@ -186,7 +186,13 @@ def test_compare_sweep_pairs_each_trial_with_its_reference_of_the_same_seed(tmp_
             if (seed, arm) != (1, "bad"):  # one trial did not finish
                 make_run(run, df, noise[arm], 1000 + n)  # a noise stream apart from the rows' own
             trials.append({"trial": n, "params": {"train.seed": seed, "arm": arm}, "run_dir": str(run)})
-    (sweep / "sweep.json").write_text(json.dumps({"name": "demo", "keys": ["arm", "train.seed"], "trials": trials}))
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    parent = client.create_run(client.create_experiment("demo")).info.run_id  # the sweep's parent run
+    (sweep / "sweep.json").write_text(json.dumps({"name": "demo", "keys": ["arm", "train.seed"], "trials": trials,
+                                                  "tracking": {"enabled": True, "uri": uri}, "parent_run_id": parent}))
 
     r = compare_sweep(sweep, "arm=plain", n_boot=300)
     by = {(t["params"]["train.seed"], t["params"]["arm"]): t for t in r["trials"]}
@@ -205,6 +211,11 @@ def test_compare_sweep_pairs_each_trial_with_its_reference_of_the_same_seed(tmp_
     out = capsys.readouterr().out
     assert "| good | 0 |" in out and "trial better" in out and "not finished" in out
     assert "arm = good: − (arm = plain) in seeds [0, 1]" in out and "better in 2 of 2" in out
+    # kept beside the sweep and on its MLflow parent run
+    assert (sweep / "compare_arm=plain.md").read_text().strip() in out
+    assert json.loads((sweep / "compare_arm=plain.json").read_text())["against"] == {"arm": "plain"}
+    assert sorted(a.path for a in client.list_artifacts(parent, "compare")) == [
+        "compare/compare_arm=plain.json", "compare/compare_arm=plain.md"]
     assert main(["compare", str(sweep), "--against", "lr=1"]) == 2
     assert "the sweep's keys ['arm', 'train.seed']" in capsys.readouterr().err
     assert main(["compare", str(sweep), "--against", "arm=huge"]) == 2
