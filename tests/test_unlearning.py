@@ -357,13 +357,17 @@ def test_shard_adapters_learn_and_a_deletion_retrains_only_its_shard_exactly(ray
 
     rows = with_shard(read_rows(a_dir), pd.read_parquet(a_dir / "unlearning" / "assignment.parquet"))
     train = rows[rows["split"] == "train"]
-    user = int(train["user"].iloc[0])
+    scored_users = set(rows.loc[rows["split"] != "train", "user"])  # a user with rows the merge scored
+    user = int(next(u for u in train["user"] if u in scored_users))
     k = int(train.loc[train["user"] == user, "shard"].iloc[0])
     other = 1 - k
     files = shard_files(a_dir, other)
     adapter = lambda d, s: load_file(str(shard_dir(d, s) / "adapter" / "adapter_model.safetensors"))  # noqa: E731
     old = adapter(a_dir, k)
-    kept_scores = (shard_dir(a_dir, other) / "scores.npz").stat().st_mtime_ns
+    from fedsim.unlearning.merge import ScoreCache, prompts
+
+    scored = lambda path: set(np.load(path)["keys"].tolist())  # noqa: E731  (prompt hashes with a kept score)
+    kept_scores = scored(shard_dir(a_dir, other) / "scores.npz")
 
     assert main(["unlearn", str(a_dir), "--users", str(user)]) == 0
     report = json.loads(next((a_dir / "unlearning").glob("deletion_*.json")).read_text())
@@ -373,9 +377,12 @@ def test_shard_adapters_learn_and_a_deletion_retrains_only_its_shard_exactly(ray
     assert report["rows_naming_deleted_in_history"] == 0 and report["history_mentions_file"] is None
     assert report["rows_deleted_by_split"]["train"] == int((train["user"] == user).sum()) > 0
     assert report["untouched_files_unchanged"] and shard_files(a_dir, other) == files
-    # the re-merge scored the retrained shard only: the untouched shard's scores were reused as kept
+    # the re-merge scored the retrained shard only: the untouched shard's scores were reused as kept,
+    # less those of the user's rows (no score of a deleted row is kept, nor its hidden state)
     after = pd.read_parquet(a_dir / "predictions.parquet").merge(preds, on=["user", "item", "timestamp"])
-    assert (shard_dir(a_dir, other) / "scores.npz").stat().st_mtime_ns == kept_scores
+    gone = set(ScoreCache.keys(prompts(cfg, rows[rows["user"] == user])).tolist())
+    assert scored(shard_dir(a_dir, other) / "scores.npz") == kept_scores - gone and kept_scores & gone
+    assert not scored(a_dir / "unlearning" / "hidden_states.npz") & gone
     assert (after[f"prob_shard_{other}_x"] == after[f"prob_shard_{other}_y"]).all() and len(after) > 100
     assert 0 < report["merge_seconds"] < report["unlearn_seconds"]
     assert report["data_sha256_before"][k] != report["data_sha256_after"][k]

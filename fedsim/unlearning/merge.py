@@ -86,15 +86,27 @@ class ScoreCache:
             return None
         return values[np.array(idx, dtype=np.int64)].reshape(len(texts), -1), seconds
 
+    def drop(self, texts: list[str]) -> None:
+        """Forget these prompts' values (a deletion: no score of a deleted row is kept)."""
+        got = self._read()
+        if got is None:
+            return
+        keep = ~np.isin(got[0], self.keys(texts))
+        if not keep.all():
+            self._write(got[0][keep], got[1][keep], got[2])
+
+    def _write(self, keys: np.ndarray, values: np.ndarray, seconds_per_row: float) -> None:
+        buf = io.BytesIO()
+        np.savez(buf, tag=np.array(self.tag), keys=keys, values=values, seconds_per_row=np.array(seconds_per_row))
+        atomic_write(self.path, lambda f: f.write(buf.getvalue()))
+
     def put(self, texts: list[str], values: np.ndarray, seconds_per_row: float) -> None:
         keys, values = self.keys(texts), np.asarray(values).reshape(len(texts), -1)
         got = self._read()
         if got is not None and got[1].shape[1] == values.shape[1]:
             old = ~np.isin(got[0], keys)
             keys, values = np.concatenate([got[0][old], keys]), np.concatenate([got[1][old], values])
-        buf = io.BytesIO()
-        np.savez(buf, tag=np.array(self.tag), keys=keys, values=values, seconds_per_row=np.array(seconds_per_row))
-        atomic_write(self.path, lambda f: f.write(buf.getvalue()))
+        self._write(keys, values, seconds_per_row)
 
 
 def cached(cache: ScoreCache | None, texts: list[str], compute) -> tuple[np.ndarray, float]:

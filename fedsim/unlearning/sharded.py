@@ -149,31 +149,40 @@ def train_shard(cfg: Config, run_dir: Path, rows: pd.DataFrame, k: int, info: di
     return summary
 
 
-def load_adapters(run_dir: Path, shards: int) -> tuple[list[int], list[dict], list[str]]:
-    """(the shards that have an adapter, their peft state dicts, the sha256 of their files)."""
+def load_adapters(run_dir: Path, shards: int) -> tuple[list[int], list[dict]]:
+    """(the shards that have an adapter, their peft state dicts)."""
     from safetensors.torch import load_file
 
-    ks, states, digests = [], [], []
+    ks, states = [], []
     for k in range(shards):
         path = shard_dir(run_dir, k) / "adapter" / "adapter_model.safetensors"
         if path.exists():
             ks.append(k)
             states.append(load_file(str(path)))
-            digests.append(hashlib.sha256(path.read_bytes()).hexdigest())
-    return ks, states, digests
+    return ks, states
+
+
+def score_caches(cfg: Config, run_dir: Path, model_path: str) -> tuple[list[ScoreCache], ScoreCache]:
+    """The merge's kept scores: each shard's in its directory (a retrained shard's directory is new),
+    tagged with its adapter file and what else shapes a score (dtype, prompt length); and the base
+    model's hidden states. A shard without an adapter gets a cache that holds nothing."""
+    shape = f"{cfg.model.dtype}/{cfg.model.max_length}"
+    caches = []
+    for k in range(cfg.unlearning.shards):
+        path = shard_dir(run_dir, k) / "adapter" / "adapter_model.safetensors"
+        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else "none"
+        caches.append(ScoreCache(shard_dir(run_dir, k) / "scores.npz", f"{digest}/{shape}"))
+    return caches, ScoreCache(Path(run_dir) / "unlearning" / "hidden_states.npz", f"{model_path}/{shape}")
 
 
 def merge_and_report(cfg: Config, run_dir: Path, rows: pd.DataFrame, model_path: str, log=print) -> tuple[dict, pd.DataFrame]:
     """Scores of the evaluation rows by the shard adapters (`fedsim.unlearning.merge`); the
     per-shard keys are renamed to the shard numbers (a shard without rows has no adapter)."""
-    ks, states, digests = load_adapters(run_dir, cfg.unlearning.shards)
+    ks, states = load_adapters(run_dir, cfg.unlearning.shards)
     valid = rows[rows["split"] == "valid"].reset_index(drop=True)
     test = rows[rows["split"] == cfg.eval.split].reset_index(drop=True)
-    # Kept scores: a shard's lie in its directory (a retrained shard's directory is new), tagged
-    # with its adapter file and what else shapes a score (dtype, prompt length).
-    shape = f"{cfg.model.dtype}/{cfg.model.max_length}"
-    caches = [ScoreCache(shard_dir(run_dir, k) / "scores.npz", f"{d}/{shape}") for k, d in zip(ks, digests)]
-    hidden = ScoreCache(Path(run_dir) / "unlearning" / "hidden_states.npz", f"{model_path}/{shape}")
+    caches, hidden = score_caches(cfg, run_dir, model_path)
+    caches = [caches[k] for k in ks]
     metrics, preds = evaluate_merge(cfg, model_path, states, valid, test, log, caches, hidden)
     out = {}
     for key, v in metrics.items():

@@ -25,8 +25,9 @@ from fedsim.config import ConfigError, flatten, to_dict
 from fedsim.data.partition import shard_stats, write_shard_files
 from fedsim.simulation import init_ray, load_run_config
 from fedsim.tracking import Tracker, resolve_uri
-from fedsim.unlearning.sharded import (KEY, assignment_path, data_hash, merge_and_report, read_rows, shard_dir,
-                                       train_shard, with_baselines, with_shard, write_shard_data)
+from fedsim.unlearning.merge import prompts
+from fedsim.unlearning.sharded import (KEY, assignment_path, data_hash, merge_and_report, read_rows, score_caches,
+                                       shard_dir, train_shard, with_baselines, with_shard, write_shard_data)
 
 
 def rows_to_delete(rows: pd.DataFrame, users: list[int] | None, rows_file: str | None) -> pd.Series:
@@ -123,6 +124,11 @@ def unlearn(run_dir: str | Path, users: list[int] | None = None, rows_file: str 
     info["partition"] = shard_stats(kept.drop(columns="shard"), n).to_dict(orient="records")
     (run_dir / "prepared.json").write_text(json.dumps(info, indent=1, default=float))
     _drop_keys(run_dir / "baseline_scores.parquet", deleted)
+    # No score of a deleted row is kept: the untouched shards' and the hidden states' entries go.
+    caches, hidden = score_caches(cfg, run_dir, info["model_path"])
+    texts = prompts(cfg, deleted)
+    for cache in [hidden] + [c for k, c in enumerate(caches) if k not in affected]:
+        cache.drop(texts)
     for k in range(K):
         sub = shard_dir(run_dir, k)
         if k in affected:
