@@ -205,19 +205,25 @@ def compare_sweep(sweep_dir: str | Path, against: str, seed: int = 0, n_boot: in
         raise FileNotFoundError(f"{sweep_dir} is not a sweep directory (no sweep.json; give the directory "
                                 f"`fedsim tune` printed, <output_dir>/<name>-<timestamp>)")
     sweep = json.loads(path.read_text())
-    key, sep, value = against.partition("=")
-    if not sep or key not in sweep["keys"]:
-        raise ValueError(f"--against {against!r}: give KEY=VALUE with KEY one of the sweep's keys {sweep['keys']}")
+    wanted = {}
+    for pair in against.split(","):
+        key, sep, value = pair.strip().partition("=")
+        if not sep or key not in sweep["keys"]:
+            raise ValueError(f"--against {against!r}: give KEY=VALUE[,KEY=VALUE] with each KEY one of the "
+                             f"sweep's keys {sweep['keys']}")
+        wanted[key] = value
     trials = sweep["trials"]
-    if not any(_same(t["params"].get(key), value) for t in trials):
-        raise ValueError(f"--against {against}: no trial has {key} = {value} (its values: "
-                         f"{sorted({str(t['params'].get(key)) for t in trials})})")
-    others = [k for k in sweep["keys"] if k != key]
+    is_ref = lambda t: all(_same(t["params"].get(k), v) for k, v in wanted.items())  # noqa: E731
+    for key, value in wanted.items():
+        if not any(_same(t["params"].get(key), value) for t in trials):
+            raise ValueError(f"--against {against}: no trial has {key} = {value} (its values: "
+                             f"{sorted({str(t['params'].get(key)) for t in trials})})")
+    others = [k for k in sweep["keys"] if k not in wanted]
+    label = ", ".join(f"{k} = {v}" for k, v in wanted.items())
     rows = []
     for t in trials:
         p = t["params"]
-        ref = next((r for r in trials if _same(r["params"].get(key), value)
-                    and all(_same(r["params"].get(k), p.get(k)) for k in others)), None)
+        ref = next((r for r in trials if is_ref(r) and all(_same(r["params"].get(k), p.get(k)) for k in others)), None)
         row = {"trial": t["trial"], "params": p, "run_dir": t["run_dir"], "reference": ref and ref["trial"]}
         rows.append(row)
         if not (Path(t["run_dir"]) / "predictions.parquet").exists():
@@ -228,13 +234,17 @@ def compare_sweep(sweep_dir: str | Path, against: str, seed: int = 0, n_boot: in
         low, high = auc_ci(y, s, seed=seed, n_boot=n_boot)
         row["a"] = {"auc": auc(y, s), "low": low, "high": high}
         if ref is None:
-            row["status"] = f"no trial with {key} = {value} and the same other settings"
+            row["status"] = f"no trial with {label} and the same other settings"
         elif ref["trial"] == t["trial"]:
             row["status"] = "reference"
         elif not (Path(ref["run_dir"]) / "predictions.parquet").exists():
             row["status"] = f"its reference (trial {ref['trial']}) has not finished"
         else:
-            r = compare_runs(t["run_dir"], ref["run_dir"], seed=seed, n_boot=n_boot)
+            try:
+                r = compare_runs(t["run_dir"], ref["run_dir"], seed=seed, n_boot=n_boot)
+            except ValueError as e:  # no shared rows, or labelled differently: say so in its row
+                row["status"] = str(e)
+                continue
             d = {k: r[k] for k in ("diff", "low", "high", "p_value")}
             row.update(status="compared", rows=r["rows"], diff=d, verdict=verdict(d, "trial", "reference"))
     arms = {}  # an arm: a trial's settings but the seed
@@ -246,18 +256,18 @@ def compare_sweep(sweep_dir: str | Path, against: str, seed: int = 0, n_boot: in
                 "diffs": [r["diff"]["diff"] for r in rs],
                 "better": sum(r["diff"]["low"] > 0 for r in rs), "worse": sum(r["diff"]["high"] < 0 for r in rs)}
                for arm, rs in arms.items()]
-    return {"sweep": str(sweep_dir), "name": sweep["name"], "keys": sweep["keys"], "against": {key: value},
+    return {"sweep": str(sweep_dir), "name": sweep["name"], "keys": sweep["keys"], "against": wanted,
             "trials": rows, "arms": summary, "seed": seed, "n_boot": n_boot}
 
 
 def format_sweep_comparison(r: dict) -> str:
     """Markdown: a row per trial (its settings, AUC with interval, the paired difference against its
     reference with interval and verdict), then a line per arm over its seeds."""
-    (key, value), = r["against"].items()
+    label = ", ".join(f"{k} = {v}" for k, v in r["against"].items())
     keys = r["keys"]
-    lines = [f"sweep {r['name']}: every trial against its {key} = {value} trial of the same settings and seed "
+    lines = [f"sweep {r['name']}: every trial against its {label} trial of the same settings and seed "
              f"(paired over the rows both scored; 95 % intervals, {r['n_boot']} bootstrap resamples)", "",
-             "| " + " | ".join(keys) + f" | AUC | − ({key} = {value}) | verdict |",
+             "| " + " | ".join(keys) + f" | AUC | − ({label}) | verdict |",
              "|" + "---|" * (len(keys) + 3)]
     for row in r["trials"]:
         a = row.get("a")
@@ -269,7 +279,7 @@ def format_sweep_comparison(r: dict) -> str:
     for arm in r["arms"]:
         name = ", ".join(f"{k} = {v}" for k, v in arm["arm"].items()) or "all"
         n = len(arm["seeds"])
-        lines.append(f"\n{name}: − ({key} = {value}) in seeds {arm['seeds']}: "
+        lines.append(f"\n{name}: − ({label}) in seeds {arm['seeds']}: "
                      + ", ".join(fmt_signed(d) for d in arm["diffs"])
                      + f" (mean {fmt_signed(float(np.mean(arm['diffs'])))}); better in {arm['better']} of {n}, "
                        f"worse in {arm['worse']}, within noise in {n - arm['better'] - arm['worse']}")
@@ -280,8 +290,8 @@ def save_sweep_comparison(r: dict, text: str) -> list[Path]:
     """The comparison in the sweep directory (`compare_<KEY>=<VALUE>.md` and `.json`) and, where the
     sweep tracked to MLflow, as artifacts of its parent run (folder `compare`)."""
     sweep_dir = Path(r["sweep"])
-    (key, value), = r["against"].items()
-    md, js = sweep_dir / f"compare_{key}={value}.md", sweep_dir / f"compare_{key}={value}.json"
+    stem = "compare_" + ",".join(f"{k}={v}" for k, v in r["against"].items())
+    md, js = sweep_dir / f"{stem}.md", sweep_dir / f"{stem}.json"
     md.write_text(text + "\n")
     js.write_text(json.dumps(r, indent=1, default=float))
     sweep = json.loads((sweep_dir / "sweep.json").read_text())

@@ -179,7 +179,7 @@ def test_compare_sweep_pairs_each_trial_with_its_reference_of_the_same_seed(tmp_
     sweep, trials = tmp_path / "sweep", []
     noise = {"plain": 1.0, "good": 0.3, "bad": 3.0}
     for seed in (0, 1):
-        df = rows(seed=seed)  # each seed its own rows, as a seed's data and partition are its own
+        df = rows()  # the same evaluated rows in every trial, as a sweep over one split scores them
         for arm in ("plain", "good", "bad"):
             n = len(trials)
             run = sweep / "runs" / f"trial_{n:03d}"
@@ -216,6 +216,11 @@ def test_compare_sweep_pairs_each_trial_with_its_reference_of_the_same_seed(tmp_
     assert json.loads((sweep / "compare_arm=plain.json").read_text())["against"] == {"arm": "plain"}
     assert sorted(a.path for a in client.list_artifacts(parent, "compare")) == [
         "compare/compare_arm=plain.json", "compare/compare_arm=plain.md"]
+    # keys that move together (a grid's joint keys): the reference names them all
+    joint = compare_sweep(sweep, "arm=plain,train.seed=0", n_boot=300)
+    by = {(t["params"]["train.seed"], t["params"]["arm"]): t for t in joint["trials"]}
+    assert by[1, "good"]["reference"] == by[0, "plain"]["trial"] and by[1, "good"]["status"] == "compared"
+    assert by[1, "plain"]["status"] == "compared" and by[0, "plain"]["status"] == "reference"
     assert main(["compare", str(sweep), "--against", "lr=1"]) == 2
     assert "the sweep's keys ['arm', 'train.seed']" in capsys.readouterr().err
     assert main(["compare", str(sweep), "--against", "arm=huge"]) == 2
