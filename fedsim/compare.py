@@ -286,15 +286,21 @@ def format_sweep_comparison(r: dict) -> str:
     return "\n".join(lines)
 
 
-def save_sweep_comparison(r: dict, text: str) -> list[Path]:
-    """The comparison in the sweep directory (`compare_<KEY>=<VALUE>.md` and `.json`) and, where the
-    sweep tracked to MLflow, as artifacts of its parent run (folder `compare`)."""
+def write_sweep_comparison(r: dict, text: str) -> list[Path]:
+    """The comparison in the sweep directory: `compare_<KEY>=<VALUE>.md` (the table) and `.json`."""
     sweep_dir = Path(r["sweep"])
     stem = "compare_" + ",".join(f"{k}={v}" for k, v in r["against"].items())
     md, js = sweep_dir / f"{stem}.md", sweep_dir / f"{stem}.json"
     md.write_text(text + "\n")
     js.write_text(json.dumps(r, indent=1, default=float))
-    sweep = json.loads((sweep_dir / "sweep.json").read_text())
+    return [md, js]
+
+
+def save_sweep_comparison(r: dict, text: str) -> list[Path]:
+    """`write_sweep_comparison`, and where the sweep tracked to MLflow, the files as artifacts of its
+    parent run (folder `compare`)."""
+    md, js = write_sweep_comparison(r, text)
+    sweep = json.loads((Path(r["sweep"]) / "sweep.json").read_text())
     tracking, parent = sweep.get("tracking") or {}, sweep.get("parent_run_id")
     if tracking.get("enabled") and parent:
         from mlflow import MlflowClient

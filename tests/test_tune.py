@@ -39,6 +39,8 @@ def write_sweep(tmp_path, **fields):
      "grid.clients.num, train.local_steps: [2] must be a list of 2 values, one for each of clients.num, train.local_steps"),
     ({"grid": {"clients.num, train.local_stesp": [[1, 8]]}}, "unknown config key 'train.local_stesp'"),
     ({"grid": {"clients.num, train.seed": [[1, 8]]}, "seeds": [0]}, "'train.seed' is given 2 times"),
+    ({"grid": {"clients.num": [2, 3]}, "seeds": [0], "against": "train.lr=0.1"},
+     "against: 'train.lr=0.1' must be KEY=VALUE[,KEY=VALUE] with each KEY a key the sweep varies (clients.num, train.seed)"),
 ])
 def test_sweep_file_errors_name_the_bad_key(tmp_path, fields, message):
     path = write_sweep(tmp_path, **fields)
@@ -151,7 +153,8 @@ def test_sweep_under_tune_nested_mlflow_runs_and_resume(ray_local, tmp_path, mlf
     path = write_sweep(tmp_path, grid={"clients.num": [2, 3], "privacy.client_dp.epsilon": [4, "inf"]},
                        set={"train.rounds": 2, "train.local_steps": 1, "executors.num": 1, "executors.num_cpus": 0.5,
                             # round 1 reports no auc to Tune (NaN until the first evaluation)
-                            "eval.every": 2, "output_dir": str(tmp_path / "runs")}, max_concurrent=2)
+                            "eval.every": 2, "output_dir": str(tmp_path / "runs")}, max_concurrent=2,
+                       against="privacy.client_dp.epsilon=inf")
     first = run_sweep(str(path), tracking_uri=uri, log=lambda *a: None, stop_after_trials=2)
     assert first["interrupted"]
     before = {r["trial"]: r for r in first["trials"]}
@@ -177,6 +180,10 @@ def test_sweep_under_tune_nested_mlflow_runs_and_resume(ray_local, tmp_path, mlf
     assert parent.info.status == "FINISHED" and parent.data.metrics["trials_finished"] == 4
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"results.csv", "sweep.json", "privacy_utility.png", "clients_auc.png", "clients_wall.png"} <= artifacts
+    # `against`: each DP trial paired with the no-DP trial of its client count (fedsim compare SWEEP)
+    table = client.download_artifacts(parent.info.run_id, "compare/compare_privacy.client_dp.epsilon=inf.md", str(tmp_path))
+    lines = [line for line in open(table) if line.startswith("| ")]
+    assert sum("reference |" in line for line in lines) == 2 and sum("paired over" in line for line in lines) == 2
     nested = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert sorted(int(r.data.tags["fedsim.trial"]) for r in nested) == [0, 1, 2, 3]
     by_trial = {int(r.data.tags["fedsim.trial"]): r for r in nested}

@@ -217,6 +217,22 @@ def plot_clients(rows: list[dict], keys: list[str], auc_path: Path, wall_path: P
     return out
 
 
+def compared(sweep_dir: Path, against: str, parent, log=print) -> None:
+    """`fedsim compare SWEEP --against` at the sweep's end: the table on the console, beside the
+    sweep and on the parent run (folder `compare`); a sweep without a finished pair says why."""
+    from fedsim.compare import compare_sweep, format_sweep_comparison, write_sweep_comparison
+
+    try:
+        r = compare_sweep(sweep_dir, against)
+    except ValueError as e:
+        log(f"compare --against {against}: {e}")
+        return
+    text = format_sweep_comparison(r)
+    log("\n" + text)
+    for path in write_sweep_comparison(r, text):
+        parent.log_artifact(path, "compare")
+
+
 def finish(state: dict, rows: list[dict], sweep_dir: Path, parent, log=print) -> dict:
     """Table on the console; results.csv and plots in the sweep directory and on the parent run."""
     keys = state["keys"]
@@ -237,6 +253,8 @@ def finish(state: dict, rows: list[dict], sweep_dir: Path, parent, log=print) ->
     parent.log_metrics(metrics, step=0)
     for path in (csv, sweep_dir / "sweep.json", *plots):
         parent.log_artifact(path)
+    if state.get("against"):  # the sweep file's reference: every trial paired with it
+        compared(sweep_dir, state["against"], parent, log)
     log(f"results: {csv}" + (f"; plots: {', '.join(p.name for p in plots)}" if plots else ""))
     return {"name": state["name"], "sweep_dir": str(sweep_dir), "parent_run_id": parent.run_id,
             "tracking_uri": state["tracking"]["uri"], "trials": rows, "completed": len(done),

@@ -22,6 +22,8 @@ A sweep names a base config and the keys to vary (dotted config keys, as for `--
     max_concurrent: 2
     trial_cpus: 0.5                  # bundle 0: the trial's driver loop
     max_failures: 0
+    against: privacy.client_dp.epsilon=inf   # optional: each trial paired with its no-DP trial of the
+                                             # same settings and seed (`fedsim compare SWEEP --against`)
 
 `privacy.client_dp.epsilon` and `privacy.sample_dp.epsilon` in a sweep also switch their mechanism:
 a number turns it on with that target, `inf` (or `.inf`, or null) turns it off (epsilon infinity =
@@ -82,6 +84,7 @@ class Sweep:
     max_concurrent: Optional[int] = None
     trial_cpus: float = 0.5
     max_failures: int = 0
+    against: Optional[str] = None  # KEY=VALUE[,KEY=VALUE]: the reference trial of `fedsim compare SWEEP --against`
 
 
 @dataclass
@@ -190,6 +193,11 @@ def _validate(s: Sweep, p: Path) -> None:
         n = varied.count(key) + (key in s.set)
         if n > 1:
             raise _fail(p, f"'{key}' is given {n} times (set, grid, random.params, seeds); give it once")
+    for pair in (s.against or "").split(",") if s.against is not None else []:
+        key, sep, _ = pair.strip().partition("=")
+        if not sep or key not in varied:
+            raise _fail(p, f"against: {s.against!r} must be KEY=VALUE[,KEY=VALUE] with each KEY a key the sweep "
+                           f"varies ({', '.join(sorted(set(varied))) or 'none'})")
     if s.metric not in METRICS:
         raise _fail(p, f"metric: {s.metric!r} is not one of {', '.join(METRICS)}")
     if s.max_concurrent is not None and s.max_concurrent < 1:

@@ -207,7 +207,7 @@ def _new_state(sweep: Sweep, trials: list[Trial], sweep_path: str, overrides: li
     return {"name": sweep.name, "sweep_file": str(sweep_path), "overrides": overrides or [],
             "sweep_dir": str(sweep_dir), "metric": sweep.metric, "mode": sweep.mode,
             "scheduler": to_dict(sweep)["scheduler"], "max_concurrent": sweep.max_concurrent,
-            "max_failures": sweep.max_failures, "tracking": {**to_dict(first)["tracking"], "uri": uri},
+            "max_failures": sweep.max_failures, "against": sweep.against, "tracking": {**to_dict(first)["tracking"], "uri": uri},
             "keys": sorted({k for t in trials for k in t.params}), "parent_run_id": None, "trials": rows}
 
 
