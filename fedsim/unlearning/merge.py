@@ -227,16 +227,18 @@ def evaluate_merge(cfg, model_path: str, adapters: list[dict], valid: pd.DataFra
         log(f"merge: hidden states of {len(valid)} valid and {len(test)} test rows")
         ev = cached(hidden_cache, tv, lambda: m.embed(valid))[0]
         et = cached(hidden_cache, tt, lambda: m.embed(test))[0]
-        if caches:
-            kept = [k for k in range(K) if caches[k].get(tv) is not None and caches[k].get(tt) is not None]
-            log(f"merge: shards {kept} kept their scores; the other {K - len(kept)} score the rows")
+        todo = [k for k in range(K) if not caches or caches[k].get(tv) is None or caches[k].get(tt) is None]
+        if len(todo) < K:
+            log(f"merge: shards {[k for k in range(K) if k not in todo]} kept their scores; {len(todo)} score the rows")
         yv = valid["label"].to_numpy()
         pv, singles, t0 = [], [], time.perf_counter()
         for k in range(K):  # each adapter alone on the valid rows (the weights) and the test rows
             pv.append(single(k, valid, tv)[0])
             singles.append(single(k, test, tt))
-            spent = time.perf_counter() - t0
-            log(f"merge: shard {k + 1}/{K} scored ({spent:.0f} s, about {spent / (k + 1) * (K - k - 1):.0f} s to go)")
+            if k in todo:
+                done, spent = todo.index(k) + 1, time.perf_counter() - t0
+                log(f"merge: {done}/{len(todo)} adapters scored ({spent:.0f} s, "
+                    f"about {spent / done * (len(todo) - done):.0f} s to go)")
         pv = np.stack(pv, 1)
         w = neighbour_weights(et, ev, row_losses(pv, yv), u.neighbours, u.tau)
         p_w, s_w = m.predict(test, weights=w, factors=True)
