@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from fedsim.config import ConfigError, flatten, to_dict
+from fedsim.core.threads import executor_threads, threads
 from fedsim.data.partition import shard_stats, write_shard_files
 from fedsim.simulation import init_ray, load_run_config
 from fedsim.tracking import Tracker, resolve_uri
@@ -142,7 +143,8 @@ def unlearn(run_dir: str | Path, users: list[int] | None = None, rows_file: str 
     retrained = {k: train_shard(cfg, run_dir, kept, k, info, log) for k in affected}
     train_seconds = time.perf_counter() - t_train
     t_merge = time.perf_counter()  # the untouched shards' kept scores are reused: only retrained ones score
-    metrics, preds = merge_and_report(cfg, run_dir, kept, info["model_path"], log)
+    with threads(executor_threads(cfg)):  # the shards have retrained: the executors' cores are idle
+        metrics, preds = merge_and_report(cfg, run_dir, kept, info["model_path"], log)
     merge_seconds = time.perf_counter() - t_merge
     with_baselines(run_dir, preds).to_parquet(run_dir / "predictions.parquet", index=False)
     kept_train = kept["split"] == "train"
