@@ -193,7 +193,7 @@ def _validate(s: Sweep, p: Path) -> None:
         n = varied.count(key) + (key in s.set)
         if n > 1:
             raise _fail(p, f"'{key}' is given {n} times (set, grid, random.params, seeds); give it once")
-    for pair in (s.against or "").split(",") if s.against is not None else []:
+    for pair in s.against.split(",") if s.against else []:
         key, sep, _ = pair.strip().partition("=")
         if not sep or key not in varied:
             raise _fail(p, f"against: {s.against!r} must be KEY=VALUE[,KEY=VALUE] with each KEY a key the sweep "
