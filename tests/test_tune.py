@@ -275,6 +275,25 @@ def test_epsilon_plots_draw_intervals_seeds_baselines_and_the_attack(tmp_path):
     assert plot_mia([{**r, "mia_auc": math.nan} for r in rows], keys, tmp_path / "none.png") is None
 
 
+def test_a_sweep_over_shards_plots_the_merges_against_retraining(tmp_path):
+    from matplotlib.image import imread
+
+    from fedsim.tuning.report import plot_unlearning
+
+    def row(k, seed, a):
+        out = {"unlearning.shards": k, "train.seed": seed, "seed": seed, "auc": a, "shard_auc_mean": a - 0.01 * k}
+        for name, d in (("apa_weights", 0.0), ("apa_outputs", -0.005), ("sisa", 0.01)):
+            out.update({f"{name}/auc": a + d, f"{name}/auc_ci_low": a + d - 0.04, f"{name}/auc_ci_high": a + d + 0.04})
+        return out
+
+    rows = [row(k, seed, 0.76 - 0.005 * k + 0.01 * seed) for k in (1, 2, 4, 8) for seed in (0, 1)]
+    keys = ["train.seed", "unlearning.shards"]
+    path = plot_unlearning(rows, keys, tmp_path / "k.png")
+    assert path == tmp_path / "k.png" and imread(path).shape[:2] == (495, 770)
+    assert plot_unlearning(rows, ["train.seed"], tmp_path / "no.png") is None  # not a sweep over K
+    assert plot_unlearning([r for r in rows if r["unlearning.shards"] == 4], keys, tmp_path / "one.png") is None
+
+
 @pytest.mark.parametrize("path", sorted(str(p) for p in Path("tuning").glob("*.yaml")))
 def test_every_shipped_sweep_file_expands_into_valid_trials(path):
     """A recipe in tuning/ that no longer matches the config schema fails here, not hours into a sweep."""

@@ -36,7 +36,8 @@ def epsilon_spent(history: list[dict], cfg: dict) -> float:
 
 
 # A sharded run's comparisons (fedsim.unlearning.merge), in the results next to its merged AUC.
-SHARDED = ("sisa/auc", "apa_weights/auc", "apa_outputs/auc", "shard_auc_mean")
+SHARDED = ("sisa/auc", "apa_weights/auc", "apa_outputs/auc", "shard_auc_mean",
+           *(f"{m}/auc_ci_{end}" for m in ("sisa", "apa_weights", "apa_outputs") for end in ("low", "high")))
 
 
 def nodes(placement: dict) -> dict:
@@ -92,6 +93,10 @@ def trial_row(spec: dict, result, interrupted: bool) -> dict:
     else:
         row["status"] = "STOPPED" if result is not None else "NOT RUN"  # STOPPED: the scheduler ended it early
     return row
+
+
+def _seeds(seeds: list) -> str:
+    return f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
 
 
 def _fmt(v) -> str:
@@ -167,7 +172,7 @@ def _plot_vs_epsilon(rows: list[dict], keys: list[str], path: Path, y: str, ci: 
     ax.set_xticks(sorted(set(finite)) + [inf_at] * no_dp, [_fmt(x) for x in sorted(set(finite))] + ["∞ (no DP)"] * no_dp)
     ax.minorticks_off()
     seeds = sorted({r["seed"] for r in rows})
-    ax.set(xlabel=f"ε ({target or 'spent'})", ylabel=ylabel, title=f"{title} (seeds {', '.join(map(str, seeds))})")
+    ax.set(xlabel=f"ε ({target or 'spent'})", ylabel=ylabel, title=f"{title} ({_seeds(seeds)})")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -217,6 +222,45 @@ def plot_clients(rows: list[dict], keys: list[str], auc_path: Path, wall_path: P
     return out
 
 
+def plot_unlearning(rows: list[dict], keys: list[str], path: Path) -> Path | None:
+    """Shards K vs test AUC (a sweep over unlearning.shards): APA's two merges and SISA's average with
+    their 95 % intervals, the mean single shard, and K = 1 (plain retraining) as a line; mean over
+    seeds, each seed a faint dot."""
+    rows = [r for r in rows if r.get("apa_weights/auc", NAN) == r.get("apa_weights/auc", NAN)]
+    if "unlearning.shards" not in keys or len({r["unlearning.shards"] for r in rows}) < 2:
+        return None
+    k_of = lambda r: r["unlearning.shards"]  # noqa: E731
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series = (("apa_weights", "APA merge: weights"), ("apa_outputs", "APA merge: outputs"), ("sisa", "SISA average"))
+    for j, (name, label) in enumerate(series):
+        y, lo, hi = f"{name}/auc", f"{name}/auc_ci_low", f"{name}/auc_ci_high"
+        grp = [r for r in rows if k_of(r) > 1]
+        xs, m = _mean_by_x(grp, k_of, (y, lo, hi))
+        pos = np.array(xs) * (1 + 0.04 * (j - 1))  # side by side, not on top of each other
+        bars = np.nan_to_num([np.subtract(m[y], m[lo]), np.subtract(m[hi], m[y])])
+        line = ax.errorbar(pos, m[y], yerr=bars, marker="o", capsize=3, label=label)[0]
+        ax.scatter([k_of(r) * (1 + 0.04 * (j - 1)) for r in grp], [r[y] for r in grp], s=10,
+                   color=line.get_color(), alpha=0.35)
+    xs, m = _mean_by_x(rows, k_of, ("shard_auc_mean",))
+    ax.plot(xs, m["shard_auc_mean"], ls=":", marker="x", color="gray", label="one shard alone (mean)")
+    single = [r for r in rows if k_of(r) == 1]
+    if single:
+        auc1 = float(np.mean([r["auc"] for r in single]))
+        ax.axhline(auc1, ls="--", lw=1, color="black", label=f"K = 1: retraining ({auc1:.3f})")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted({k_of(r) for r in rows}), [str(k) for k in sorted({k_of(r) for r in rows})])
+    ax.minorticks_off()
+    seeds = sorted({r["seed"] for r in rows})
+    ax.set(xlabel="shards K (each trained on 1/K of the rows)", ylabel="test AUC (bars: 95 % CI)",
+           title=f"APA unlearning: merged shard adapters vs retraining ({_seeds(seeds)})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def compared(sweep_dir: Path, against: str, parent, log=print) -> None:
     """`fedsim compare SWEEP --against` at the sweep's end: the table on the console, beside the
     sweep and on the parent run (folder `compare`); a sweep without a finished pair says why."""
@@ -244,6 +288,7 @@ def finish(state: dict, rows: list[dict], sweep_dir: Path, parent, log=print) ->
     pd.DataFrame(rows).to_csv(csv, index=False)
     plots = [p for p in (plot_privacy_utility(rows, keys, sweep_dir / "privacy_utility.png"),
                          plot_mia(rows, keys, sweep_dir / "privacy_mia.png"),
+                         plot_unlearning(rows, keys, sweep_dir / "unlearning_k.png"),
                          *plot_clients(rows, keys, sweep_dir / "clients_auc.png", sweep_dir / "clients_wall.png")) if p]
     scored = [r[state["metric"]] for r in done if r[state["metric"]] == r[state["metric"]]]
     metrics = {"trials": len(rows), "trials_finished": len(done),
