@@ -3,6 +3,8 @@ positive figures. Timings themselves are not checked here (benchmarks measure, t
 import json
 import re
 
+import pytest
+
 from fedsim.cli import main
 
 
@@ -30,3 +32,30 @@ def test_bench_prints_a_row_per_mode_with_positive_figures(ray_local, tmp_path, 
 def test_bench_rejects_an_unknown_mode(capsys):
     assert main(["bench", "--modes", "actors,turbo"]) == 2
     assert "--modes 'actors,turbo': choose from actors, pool, fused" in capsys.readouterr().err
+
+
+def _noise_tolerance():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "noise_tolerance.py"
+    spec = importlib.util.spec_from_file_location("noise_tolerance", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_noise_tolerance_adds_noise_of_the_asked_size_and_scores_each_ratio(tmp_path, capsys):
+    import torch
+    nt = _noise_tolerance()
+    initial = torch.randn(200_000, generator=torch.Generator().manual_seed(0))
+    final = initial + 0.01
+    for ratio in (0.5, 4.0):  # |noise| = ratio x |final - initial| = ratio x 0.01 x sqrt(2e5)
+        n = nt.noisy(final, initial, ratio, seed=1) - final
+        assert float(n.norm()) == pytest.approx(ratio * 0.01 * 200_000 ** 0.5, rel=0.01)
+    out = tmp_path / "nt.json"
+    nt.main(["--config", "configs/tiny.yaml", "--ratios", "0,1000", "--threads", "1", "--out", str(out)])
+    r = json.loads(out.read_text())
+    clean, drowned = r["points"]
+    assert clean["diff_vs_clean"] == 0.0 and r["update_norm"] > 0 and r["entries"] > 0
+    assert drowned["diff_vs_clean"] != 0.0  # noise 1000x the update moves the scores
+    assert "| 1000 |" in capsys.readouterr().out

@@ -169,12 +169,23 @@ def test_client_dp_server_noise_has_std_z_clip_over_sampled_clients():
     assert metrics["dp/epsilon"] == pytest.approx(epsilon_for(1.3, 0.4, 1, 1e-5))
     # m counts the sampled clients: two dropping does not shrink the noise, and the mean over the
     # two reporters is rescaled to a sum over the four sampled.
-    out, _ = run_server_hooks([dp], torch.ones(1_000_000), RoundContext(1, 4, 2, 10))
+    out, metrics = run_server_hooks([dp], torch.ones(1_000_000), RoundContext(1, 4, 2, 10))
     assert float(out.std()) == pytest.approx(expected, rel=0.02)
     assert float(out.mean()) == pytest.approx(0.5, abs=3 * expected / 1000)
+    # noise against signal: the mean update 0.5 * sqrt(1e6), the noise z C / m * sqrt(1e6)
+    assert metrics["dp/update_norm"] == pytest.approx(500.0) and metrics["dp/noise_norm"] == pytest.approx(expected * 1000, rel=0.01)
+    assert metrics["dp/noise_to_update"] == pytest.approx(expected * 2, rel=0.01)
     assert dp.accountant.history == [(1.3, 0.4, 2)]
     assert dp.params() == {"dp/noise_multiplier": 1.3, "dp/sample_rate": 0.4, "dp/delta": 1e-5, "dp/accountant": "rdp",
                            "dp/clip": 0.7, "dp/planned_epsilon": pytest.approx(epsilon_for(1.3, 0.4, 5, 1e-5))}
+
+
+def test_the_round_line_says_how_far_the_noise_outweighs_the_update():
+    import io
+    from fedsim.report import Progress
+    stream = io.StringIO()
+    Progress(rounds=3, stream=stream).round_done(0, 2.0, {"train_loss": 0.6, "dp/noise_to_update": 6.25})
+    assert "dp/noise_to_update=6.2500" in stream.getvalue()
 
 
 def test_poisson_sampling_draws_each_client_with_rate_q():

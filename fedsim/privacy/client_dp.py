@@ -87,8 +87,16 @@ class ClientDP(Postprocessor):
         std = z * self.clip / m
         noise = torch.normal(0.0, std, size=step.shape, generator=self.generator, dtype=torch.float32)
         self.accountant.step(z, self.sample_rate)
-        return step + noise.to(step.device, step.dtype), {"dp/epsilon": self.accountant.get_epsilon(self.delta),
-                                                          "dp/noise_std": std}
+        metrics = {"dp/epsilon": self.accountant.get_epsilon(self.delta), "dp/noise_std": std}
+        # Noise against signal, a simulation diagnostic outside the guarantee (like dp/clipped): the
+        # noise's norm grows as z C sqrt(d) / m with d adapter entries, the mean update's is at most
+        # C, so a ratio far above 1 round after round says the run cannot learn much: more clients a
+        # round or fewer LoRA entries (ffa, a smaller r, fewer target modules) bring it down.
+        update_norm, noise_norm = float(step.double().norm()), float(noise.double().norm())
+        metrics.update({"dp/update_norm": update_norm, "dp/noise_norm": noise_norm})
+        if update_norm > 0:
+            metrics["dp/noise_to_update"] = noise_norm / update_norm
+        return step + noise.to(step.device, step.dtype), metrics
 
     def params(self) -> dict:
         z = self.noise_multiplier
