@@ -275,6 +275,23 @@ def test_epsilon_plots_draw_intervals_seeds_baselines_and_the_attack(tmp_path):
     assert plot_mia([{**r, "mia_auc": math.nan} for r in rows], keys, tmp_path / "none.png") is None
 
 
+def test_client_and_record_level_dp_in_one_sweep_are_a_line_each_from_the_same_no_dp_point(tmp_path):
+    from matplotlib.image import imread
+
+    from fedsim.tuning.report import by_dp_kind, plot_privacy_utility
+
+    c, s = "privacy.client_dp.epsilon", "privacy.sample_dp.epsilon"
+    pairs = ((math.inf, math.inf, 0.77), (8.0, math.inf, 0.70), (2.0, math.inf, 0.60), (math.inf, 8.0, 0.74), (math.inf, 2.0, 0.71))
+    rows = [{c: ce, s: se, "train.seed": 0, "seed": 0, "auc": a, "auc_ci_low": a - 0.04, "auc_ci_high": a + 0.04,
+             "auc_min": a - 0.1, "auc_max": a + 0.1, "epsilon": min(ce, se)} for ce, se, a in pairs]
+    kinds = by_dp_kind(rows, [c, s])
+    line = lambda kind: [(r["dp_epsilon"], r["auc"]) for r in kinds if r["dp"] == kind]  # noqa: E731
+    assert line("client-level") == [(math.inf, 0.77), (8.0, 0.70), (2.0, 0.60)]
+    assert line("record-level") == [(math.inf, 0.77), (8.0, 0.74), (2.0, 0.71)]
+    path = plot_privacy_utility(rows, [c, s, "train.seed"], tmp_path / "pu.png")
+    assert path == tmp_path / "pu.png" and imread(path).shape[:2] == (495, 770)
+
+
 def test_a_sweep_over_shards_plots_the_merges_against_retraining(tmp_path):
     from matplotlib.image import imread
 

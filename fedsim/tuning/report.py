@@ -132,6 +132,21 @@ def _series(rows: list[dict], keys: list[str], x_key: str) -> dict[str, list[dic
     return groups
 
 
+DP_KINDS = {"privacy.client_dp.epsilon": "client-level", "privacy.sample_dp.epsilon": "record-level"}
+
+
+def by_dp_kind(rows: list[dict], targets: list[str]) -> list[dict]:
+    """Rows of a sweep that varies several kinds' epsilon targets (tied keys, e.g. client-level
+    and record-level DP in one grid), once for each kind that is on, with `dp` (the kind) and
+    `dp_epsilon` (its target). A row with no DP joins every kind at infinity: each kind's line ends
+    on the same no-DP reference."""
+    out = []
+    for r in rows:
+        on = [k for k in targets if r[k] != math.inf]
+        out += [{**r, "dp": DP_KINDS.get(k, k), "dp_epsilon": r[k]} for k in on or targets]
+    return out
+
+
 def _mean_by_x(rows: list[dict], x_of, ys: tuple[str, ...]) -> tuple[list[float], dict[str, list[float]]]:
     """Mean over seeds of each y at each x."""
     xs = sorted({x_of(r) for r in rows})
@@ -145,7 +160,11 @@ def _plot_vs_epsilon(rows: list[dict], keys: list[str], path: Path, y: str, ci: 
     (low, high columns) shaded, `lines` ({label: value}) drawn across. The x is the epsilon target
     when the sweep varies one, else the epsilon spent; no DP (infinity) is drawn to the right of the
     largest finite value."""
-    target = next((k for k in keys if k in EPSILON_KEYS), None)
+    targets = [k for k in keys if k in EPSILON_KEYS]
+    if len(targets) > 1:  # several kinds of DP: x is the target of the kind that is on, a line per kind
+        rows, keys = by_dp_kind(rows, targets), [k for k in keys if k not in targets] + ["dp"]
+        targets = ["dp_epsilon"]
+    target = targets[0] if targets else None
     x_of = (lambda r: r[target]) if target else (lambda r: r["epsilon"])
     rows = [r for r in rows if r[y] == r[y] and x_of(r) == x_of(r)]
     if len({x_of(r) for r in rows}) < 2:
@@ -172,7 +191,7 @@ def _plot_vs_epsilon(rows: list[dict], keys: list[str], path: Path, y: str, ci: 
     ax.set_xticks(sorted(set(finite)) + [inf_at] * no_dp, [_fmt(x) for x in sorted(set(finite))] + ["∞ (no DP)"] * no_dp)
     ax.minorticks_off()
     seeds = sorted({r["seed"] for r in rows})
-    ax.set(xlabel=f"ε ({target or 'spent'})", ylabel=ylabel, title=f"{title} ({_seeds(seeds)})")
+    ax.set(xlabel=f"ε ({'each kind' + chr(39) + 's target' if target == 'dp_epsilon' else target or 'spent'})", ylabel=ylabel, title=f"{title} ({_seeds(seeds)})")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
