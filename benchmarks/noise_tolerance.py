@@ -1,5 +1,5 @@
-"""How much noise a trained adapter tolerates: the yardstick for client-level DP's per-round
-`dp/noise_to_update` (docs/privacy.md) and for sizing a DP sweep before spending a GPU on it.
+"""How much noise a trained adapter tolerates: the yardstick for sizing a client-level DP run or sweep
+before spending a GPU on it (docs/privacy.md, docs/results.md).
 
 Trains CONFIG in one process (fedsim's client and FedAvg code, no Ray: `fedsim.inprocess`), then
 adds Gaussian noise to what the clients communicate (the strategy's global adapter entries: A and B
@@ -7,11 +7,12 @@ under `separate`, B only under `ffa`) with norm `ratio` x the whole run's update
 and scores the same rows at each ratio: AUC with its 95 % interval and the paired difference
 against the noiseless adapter.
 
-Why it bounds a DP run: DP-FedAvg adds noise of norm rho x |mean update| every round. Over R rounds
-whose mean updates point the same way, the noise adds up to rho sqrt(R) |u| against R |u| of
-signal, a ratio rho / sqrt(R) of the whole update. So if the AUC survives a ratio x here, a run of
-R rounds can carry at most rho = x sqrt(R) per round (less when the rounds' updates disagree; more
-in so far as training after a noisy round repairs it, which this does not model).
+Why it sizes a DP run: DP-FedAvg adds N(0, (z C / m)^2) to every entry each round (`dp/noise_std`),
+and FedAvg keeps it, so after R rounds an entry carries noise of std sqrt(R) z C / m (less in so far
+as later training repairs it, which this does not model). The noise's norm is that times sqrt(d),
+far above the update's even where it costs nothing (it mostly misses the few directions the output
+depends on), so the table gives the per-entry std each ratio means, the number to set against
+sqrt(R) z C / m.
 
     python benchmarks/noise_tolerance.py --config configs/quickstart.yaml --ratios 0,0.25,0.5,1,2,4 --out noise.json
 """
@@ -77,12 +78,12 @@ def run(config: str, overrides: list[str], ratios: list[float], threads: int, lo
 def table(r: dict) -> str:
     lines = [f"{r['config']} {' '.join(r['overrides'])}: {r['lora_mode']}, {r['entries']:,} entries, "
              f"|update| {r['update_norm']:.3f}, {r['rounds']} rounds, loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}",
-             "| noise / update | test AUC [95 % CI] | minus no noise [95 % CI] | per-round dp/noise_to_update this allows at R = 10 / 30 |",
+             "| noise / update (norms) | noise std per entry | test AUC [95 % CI] | minus no noise [95 % CI] |",
              "|---|---|---|---|"]
     for p in r["points"]:
-        lines.append(f"| {p['ratio']:g} | {p['auc']:.3f} [{p['ci'][0]:.3f}, {p['ci'][1]:.3f}] | "
-                     f"{p['diff_vs_clean']:+.3f} [{p['diff_ci'][0]:+.3f}, {p['diff_ci'][1]:+.3f}] | "
-                     f"≤ {p['ratio'] * 10 ** 0.5:.1f} / ≤ {p['ratio'] * 30 ** 0.5:.1f} |")
+        std = p["ratio"] * r["update_norm"] / r["entries"] ** 0.5
+        lines.append(f"| {p['ratio']:g} | {std:.4f} | {p['auc']:.3f} [{p['ci'][0]:.3f}, {p['ci'][1]:.3f}] | "
+                     f"{p['diff_vs_clean']:+.3f} [{p['diff_ci'][0]:+.3f}, {p['diff_ci'][1]:+.3f}] |")
     return "\n".join(lines)
 
 

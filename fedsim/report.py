@@ -53,7 +53,7 @@ class Progress:
 
     def round_done(self, round: int, seconds: float, metrics: dict) -> None:
         self.round_times.append(seconds)
-        shown = " ".join(f"{k}={metrics[k]:.4f}" for k in ("train_loss", "auc", "logloss", "auc_gap", "dp/noise_to_update") if k in metrics)
+        shown = " ".join(f"{k}={metrics[k]:.4f}" for k in ("train_loss", "auc", "logloss", "auc_gap") if k in metrics)
         if self.tty:
             self.stream.write("\r\033[K")
         print(f"round {round + 1}/{self.rounds} done in {seconds:.1f}s: {shown} | ETA {self.eta(round + 1)}",

@@ -180,14 +180,6 @@ def test_client_dp_server_noise_has_std_z_clip_over_sampled_clients():
                            "dp/clip": 0.7, "dp/planned_epsilon": pytest.approx(epsilon_for(1.3, 0.4, 5, 1e-5))}
 
 
-def test_the_round_line_says_how_far_the_noise_outweighs_the_update():
-    import io
-    from fedsim.report import Progress
-    stream = io.StringIO()
-    Progress(rounds=3, stream=stream).round_done(0, 2.0, {"train_loss": 0.6, "dp/noise_to_update": 6.25})
-    assert "dp/noise_to_update=6.2500" in stream.getvalue()
-
-
 def test_poisson_sampling_draws_each_client_with_rate_q():
     cfg = load_config("configs/tiny.yaml", ["clients.num=200", "clients.per_round=20", "clients.sampling=poisson"])
     rounds = [sample_clients(cfg, r) for r in range(300)]
