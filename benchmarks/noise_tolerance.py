@@ -14,7 +14,8 @@ far above the update's even where it costs nothing (it mostly misses the few dir
 depends on), so the table gives the per-entry std each ratio means, the number to set against
 sqrt(R) z C / m.
 
-    python benchmarks/noise_tolerance.py --config configs/quickstart.yaml --ratios 0,0.25,0.5,1,2,4 --out noise.json
+    python benchmarks/noise_tolerance.py --config configs/quickstart.yaml --ratios 0,16,64,256,1024 --out noise.json
+    python benchmarks/noise_tolerance.py --set strategy.lora_mode=ffa --ratios 0,64,1024 --out noise_ffa.json
 """
 from __future__ import annotations
 
@@ -91,7 +92,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="configs/quickstart.yaml")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--ratios", default="0,0.25,0.5,1,2,4", help="noise norm / the run's update norm")
+    ap.add_argument("--ratios", default="0,16,64,256,1024", help="noise norm / the run's update norm")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="noise_tolerance.json")
     a = ap.parse_args(argv)
