@@ -191,7 +191,8 @@ def _plot_vs_epsilon(rows: list[dict], keys: list[str], path: Path, y: str, ci: 
     ax.set_xticks(sorted(set(finite)) + [inf_at] * no_dp, [_fmt(x) for x in sorted(set(finite))] + ["∞ (no DP)"] * no_dp)
     ax.minorticks_off()
     seeds = sorted({r["seed"] for r in rows})
-    ax.set(xlabel=f"ε ({'each kind' + chr(39) + 's target' if target == 'dp_epsilon' else target or 'spent'})", ylabel=ylabel, title=f"{title} ({_seeds(seeds)})")
+    x_name = "each kind's target" if target == "dp_epsilon" else target or "spent"
+    ax.set(xlabel=f"ε ({x_name})", ylabel=ylabel, title=f"{title} ({_seeds(seeds)})")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
