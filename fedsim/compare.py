@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from fedsim.metrics import auc, auc_ci, paired_auc_diff, paired_client_aucs
-from fedsim.report import fmt_diff, fmt_interval, fmt_signed, pyplot, verdict
+from fedsim.report import fmt_diff, fmt_interval, fmt_signed, pyplot, series, verdict
 
 KEY = ["user", "item", "timestamp"]
 BASELINE = "baseline:"
@@ -286,20 +286,88 @@ def format_sweep_comparison(r: dict) -> str:
     return "\n".join(lines)
 
 
+def _number(v) -> float | None:
+    try:
+        return None if isinstance(v, bool) else float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def comparison_lines(r: dict) -> dict:
+    """What the comparison's plot draws: x is the first numeric key that varies (e.g. clients.num),
+    a line per setting of the other keys (`fedsim.report.series`), at each x the paired difference
+    and its interval averaged over seeds, each seed's difference kept; a reference trial is 0.
+    {} when no numeric key varies (nothing to draw a line along)."""
+    done = [t for t in r["trials"] if t["status"] in ("compared", "reference")]
+    get = lambda t, k: t["params"].get(k)  # noqa: E731
+    keys = [k for k in r["keys"] if k != "train.seed"]
+    numeric = [k for k in keys if all(_number(get(t, k)) is not None for t in done)
+               and len({_number(get(t, k)) for t in done}) > 1]
+    if not numeric:
+        return {}
+    x = numeric[0]
+    zero = {"diff": 0.0, "low": 0.0, "high": 0.0}
+    lines = {}
+    for label, group in series(done, keys, x, get).items():
+        points = []
+        for at in sorted({_number(get(t, x)) for t in group}):
+            ds = [t.get("diff", zero) for t in group if _number(get(t, x)) == at]
+            points.append({"x": at, "seeds": [d["diff"] for d in ds],
+                           **{k: float(np.mean([d[k] for d in ds])) for k in ("diff", "low", "high")}})
+        lines[label] = points
+    return {"x": x, "lines": lines}
+
+
+def plot_sweep_comparison(r: dict, path: Path) -> Path | None:
+    """Each trial's paired AUC difference to its reference along the first numeric key, a line per
+    setting of the others, bars its 95 % interval (mean over seeds), each seed a faint dot."""
+    drawn = comparison_lines(r)
+    if not drawn:
+        return None
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    xs = sorted({p["x"] for pts in drawn["lines"].values() for p in pts})
+    log = xs[0] > 0 and xs[-1] / xs[0] >= 4
+    n = len(drawn["lines"])
+    for j, (label, pts) in enumerate(drawn["lines"].items()):
+        shift = (lambda x: x * (1 + 0.04 * (j - (n - 1) / 2))) if log else (lambda x: x + 0.04 * (j - (n - 1) / 2))
+        pos = [shift(p["x"]) for p in pts]
+        bars = [[p["diff"] - p["low"] for p in pts], [p["high"] - p["diff"] for p in pts]]
+        line = ax.errorbar(pos, [p["diff"] for p in pts], yerr=bars, marker="o", capsize=3, label=label)[0]
+        dots = [(shift(p["x"]), d) for p in pts for d in p["seeds"]]
+        ax.scatter(*zip(*dots), s=10, color=line.get_color(), alpha=0.35)
+    label = ", ".join(f"{k} = {v}" for k, v in r["against"].items())
+    ax.axhline(0, ls="--", lw=1, color="black", label=f"reference: {label}")
+    if log:
+        ax.set_xscale("log", base=2)
+    ax.set_xticks(xs, [f"{x:g}" for x in xs])
+    ax.minorticks_off()
+    seeds = sorted({t["params"].get("train.seed") for t in r["trials"]} - {None})
+    ax.set(xlabel=drawn["x"], ylabel="AUC − reference, paired (bars: 95 % CI)",
+           title=f"{r['name']}: each trial against its reference (seeds {', '.join(map(str, seeds))})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_sweep_comparison(r: dict, text: str) -> list[Path]:
-    """The comparison in the sweep directory: `compare_<KEY>=<VALUE>.md` (the table) and `.json`."""
+    """The comparison in the sweep directory: `compare_<KEY>=<VALUE>.md` (the table), `.json`, and
+    `.png` where a numeric key varies (the differences along it)."""
     sweep_dir = Path(r["sweep"])
     stem = "compare_" + ",".join(f"{k}={v}" for k, v in r["against"].items())
     md, js = sweep_dir / f"{stem}.md", sweep_dir / f"{stem}.json"
     md.write_text(text + "\n")
     js.write_text(json.dumps(r, indent=1, default=float))
-    return [md, js]
+    png = plot_sweep_comparison(r, sweep_dir / f"{stem}.png")
+    return [md, js, *([png] if png else [])]
 
 
 def save_sweep_comparison(r: dict, text: str) -> list[Path]:
     """`write_sweep_comparison`, and where the sweep tracked to MLflow, the files as artifacts of its
     parent run (folder `compare`)."""
-    md, js = write_sweep_comparison(r, text)
+    paths = write_sweep_comparison(r, text)
     sweep = json.loads((Path(r["sweep"]) / "sweep.json").read_text())
     tracking, parent = sweep.get("tracking") or {}, sweep.get("parent_run_id")
     if tracking.get("enabled") and parent:
@@ -308,6 +376,6 @@ def save_sweep_comparison(r: dict, text: str) -> list[Path]:
         from fedsim.tracking import retry_locked
 
         client = MlflowClient(tracking["uri"])
-        for path in (md, js):
+        for path in paths:
             retry_locked(client.log_artifact, parent, str(path), artifact_path="compare")
-    return [md, js]
+    return paths

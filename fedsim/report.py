@@ -1,6 +1,7 @@
 """What a person sees: progress lines while a run goes, a summary table and a plot at the end."""
 from __future__ import annotations
 
+import math
 import sys
 import time
 from pathlib import Path
@@ -138,6 +139,29 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def series(rows: list, keys: list[str], x_key: str, get=lambda r, k: r.get(k)) -> dict[str, list]:
+    """Rows grouped into a plot's lines: by the varied keys other than the x axis and the seed, in
+    sweep order. A key tied to x in the grid (one value at each x, e.g. local steps that shrink as
+    clients grow) does not split a line into single points."""
+    def tied(k):
+        seen = {}
+        return all(seen.setdefault(get(r, x_key), get(r, k)) == get(r, k) for r in rows)
+
+    other = [k for k in keys if k not in (x_key, "train.seed") and not tied(k)]
+    groups: dict[str, list] = {}
+    for r in rows:
+        label = ", ".join(f"{'.'.join(k.split('.')[-2:])}={fmt_value(get(r, k))}" for k in other) or "all"
+        groups.setdefault(label, []).append(r)
+    return groups
+
+
+def fmt_value(v) -> str:
+    """A grid value in a table or legend: infinity as ∞, a float in 4 significant digits."""
+    if isinstance(v, float):
+        return "∞" if v == math.inf else "-" if v != v else f"{v:.4g}"
+    return str(v)
 
 
 def plot_client_auc(history: list[dict], clients: int, path: Path) -> Path | None:

@@ -227,3 +227,39 @@ def test_compare_sweep_pairs_each_trial_with_its_reference_of_the_same_seed(tmp_
     assert "no trial has arm = huge (its values: ['bad', 'good', 'plain'])" in capsys.readouterr().err
     assert main(["compare", str(tmp_path), "--against", "arm=plain"]) == 2
     assert "is not a sweep directory (no sweep.json" in capsys.readouterr().err
+
+
+def test_a_sweep_over_client_counts_plots_each_partitions_gap_to_centralized_along_the_clients(tmp_path):
+    """The FedAvg-vs-centralized sweep's shape: clients.num with local steps tied to it, a line per
+    partition, each trial against the 1-client trial of its partition and seed. The plot's lines
+    run along the clients (the tied key does not split them into points), its points are the seeds'
+    mean paired differences, and the PNG lands beside the table."""
+    from fedsim.compare import compare_sweep, comparison_lines, save_sweep_comparison
+
+    sweep, trials = tmp_path / "sweep", []
+    noise = {1: 1.0, 4: 0.3, 16: 2.0}  # 4 clients better than one, 16 worse
+    for seed in (0, 1):
+        df = rows()
+        for method in ("iid", "kmeans"):
+            for clients, steps in ((1, 32), (4, 8), (16, 2)):
+                run = make_run(sweep / "runs" / f"trial_{len(trials):03d}", df, noise[clients], 1000 + len(trials))
+                trials.append({"trial": len(trials), "run_dir": str(run), "params": {
+                    "clients.num": clients, "train.local_steps": steps, "partition.method": method, "train.seed": seed}})
+    keys = ["clients.num", "train.local_steps", "partition.method", "train.seed"]
+    (sweep / "sweep.json").write_text(json.dumps({"name": "fedavg_vs_central", "keys": keys, "trials": trials}))
+
+    r = compare_sweep(sweep, "clients.num=1,train.local_steps=32", n_boot=200)
+    drawn = comparison_lines(r)
+    assert drawn["x"] == "clients.num" and list(drawn["lines"]) == ["partition.method=iid", "partition.method=kmeans"]
+    by = {t["trial"]: t for t in r["trials"]}
+    for label, method in (("partition.method=iid", "iid"), ("partition.method=kmeans", "kmeans")):
+        pts = {p["x"]: p for p in drawn["lines"][label]}
+        assert sorted(pts) == [1, 4, 16] and pts[1]["diff"] == 0 and pts[1]["seeds"] == [0, 0]
+        mine = [t for t in trials if t["params"]["partition.method"] == method and t["params"]["clients.num"] == 16]
+        assert pts[16]["seeds"] == [by[t["trial"]]["diff"]["diff"] for t in mine]
+        assert pts[16]["diff"] == pytest.approx(np.mean(pts[16]["seeds"])) and pts[16]["high"] < 0 < pts[4]["low"]
+    written = save_sweep_comparison(r, "table")
+    png = sweep / "compare_clients.num=1,train.local_steps=32.png"
+    assert png in written and png.stat().st_size > 10_000
+    # nothing numeric varies: no plot, the table alone
+    assert comparison_lines({**r, "keys": ["partition.method", "train.seed"]}) == {}

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fedsim.report import fmt_seconds, pyplot
+from fedsim.report import fmt_seconds, fmt_value, pyplot, series
 from fedsim.simulation import load_checkpoint
 from fedsim.tuning.sweep import EPSILON_KEYS, METRICS
 
@@ -99,12 +99,6 @@ def _seeds(seeds: list) -> str:
     return f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
 
 
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return "∞" if v == math.inf else "-" if v != v else f"{v:.4g}"
-    return str(v)
-
-
 def results_table(rows: list[dict], keys: list[str], title: str) -> str:
     from rich.console import Console
     from rich.table import Table
@@ -115,21 +109,16 @@ def results_table(rows: list[dict], keys: list[str], title: str) -> str:
     for col in ["trial", *shown, "seed", "rounds", "AUC", "AUC gap", "ε spent", "MiB up", "wall", "status"]:
         t.add_column(col, justify="left" if col == "status" else "right")
     for r in rows:
-        t.add_row(str(r["trial"]), *[_fmt(r.get(k)) for k in shown], str(r["seed"]), str(r["rounds"]), _fmt(r["auc"]),
-                  _fmt(r["auc_gap"]), _fmt(r["epsilon"]), f"{r['bytes_up'] / 2**20:.2f}",
+        t.add_row(str(r["trial"]), *[fmt_value(r.get(k)) for k in shown], str(r["seed"]), str(r["rounds"]),
+                  fmt_value(r["auc"]), fmt_value(r["auc_gap"]), fmt_value(r["epsilon"]), f"{r['bytes_up'] / 2**20:.2f}",
                   fmt_seconds(r["wall_seconds"]) if r["wall_seconds"] == r["wall_seconds"] else "-", r["status"])
     console.print(t)
     return console.export_text()
 
 
 def _series(rows: list[dict], keys: list[str], x_key: str) -> dict[str, list[dict]]:
-    """Rows grouped by the varied keys other than the x axis and the seed, in sweep order."""
-    other = [k for k in keys if k not in (x_key, "train.seed") and not (x_key == "epsilon" and k in EPSILON_KEYS)]
-    groups: dict[str, list[dict]] = {}
-    for r in rows:
-        label = ", ".join(f"{'.'.join(k.split('.')[-2:])}={_fmt(r.get(k))}" for k in other) or "all"
-        groups.setdefault(label, []).append(r)
-    return groups
+    """Rows grouped into lines (`fedsim.report.series`); epsilon on x absorbs every epsilon key."""
+    return series(rows, [k for k in keys if not (x_key == "epsilon" and k in EPSILON_KEYS)], x_key)
 
 
 DP_KINDS = {"privacy.client_dp.epsilon": "client-level", "privacy.sample_dp.epsilon": "record-level"}
@@ -188,7 +177,7 @@ def _plot_vs_epsilon(rows: list[dict], keys: list[str], path: Path, y: str, ci: 
         ax.axhline(value, ls="--", lw=1, color=f"C{len(groups) + k}", label=name)
     ax.set_xscale("log")
     no_dp = any(x_of(r) == math.inf for r in rows)
-    ax.set_xticks(sorted(set(finite)) + [inf_at] * no_dp, [_fmt(x) for x in sorted(set(finite))] + ["∞ (no DP)"] * no_dp)
+    ax.set_xticks(sorted(set(finite)) + [inf_at] * no_dp, [fmt_value(x) for x in sorted(set(finite))] + ["∞ (no DP)"] * no_dp)
     ax.minorticks_off()
     seeds = sorted({r["seed"] for r in rows})
     x_name = "each kind's target" if target == "dp_epsilon" else target or "spent"
