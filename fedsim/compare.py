@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from fedsim.metrics import auc, auc_ci, paired_auc_diff, paired_client_aucs
-from fedsim.report import fmt_diff, fmt_interval, fmt_signed, pyplot, series, verdict
+from fedsim.report import fmt_diff, fmt_interval, fmt_signed, pyplot, save_figure, series, verdict
 
 KEY = ["user", "item", "timestamp"]
 BASELINE = "baseline:"
@@ -178,9 +178,7 @@ def plot_client_comparisons(results: list[dict], path: str | Path, a_label: str 
         ax.set_xlabel("client (test rows)")
     axes[0][0].set_ylabel("test AUC (95 % interval)")
     axes[0][0].legend(fontsize=8, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return Path(path)
 
 
@@ -346,10 +344,7 @@ def plot_sweep_comparison(r: dict, path: Path) -> Path | None:
     ax.set(xlabel=drawn["x"], ylabel="AUC − reference, paired (bars: 95 % CI)",
            title=f"{r['name']}: each trial against its reference (seeds {', '.join(map(str, seeds))})")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_sweep_comparison(r: dict, text: str) -> list[Path]:

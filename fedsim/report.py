@@ -164,6 +164,14 @@ def fmt_value(v) -> str:
     return str(v)
 
 
+def save_figure(fig, path: Path) -> Path:
+    """Every plot's end: laid out, written as a 110-dpi PNG, closed (a sweep draws many)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+    return path
+
+
 def plot_client_auc(history: list[dict], clients: int, path: Path) -> Path | None:
     """Per-client AUC over rounds (left) and at the end (right)."""
     try:
@@ -190,10 +198,7 @@ def plot_client_auc(history: list[dict], clients: int, path: Path) -> Path | Non
     ax2.axhline(last["auc"], color="black", ls="--", label=f"pooled {last['auc']:.3f}")
     ax2.set(xlabel="client", ylabel="AUC", title=f"final AUC per client (gap {last.get('auc_gap', np.nan):.3f})")
     ax2.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_client_bars(history: list[dict], clients: int, metric: str, path: Path, label: str,
@@ -221,10 +226,7 @@ def plot_client_bars(history: list[dict], clients: int, metric: str, path: Path,
     ax.set_ylim(0, 1.35 * top if top > 0 else 1)  # room for the legend above the lines
     ax.set(xlabel="client", ylabel=label, title=f"{label} per client (round {last['round'] + 1})")
     ax.legend(loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_learning_curve(history: list[dict], baselines: dict, path: Path) -> Path | None:
@@ -256,7 +258,4 @@ def plot_learning_curve(history: list[dict], baselines: dict, path: Path) -> Pat
            title="learning curve: pooled AUC vs training rows")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fedsim.report import fmt_seconds, fmt_value, pyplot, series
+from fedsim.report import fmt_seconds, fmt_value, pyplot, save_figure, series
 from fedsim.simulation import load_checkpoint
 from fedsim.tuning.sweep import EPSILON_KEYS, METRICS
 
@@ -183,10 +183,7 @@ def _plot_vs_epsilon(rows: list[dict], keys: list[str], path: Path, y: str, ci: 
     x_name = "each kind's target" if target == "dp_epsilon" else target or "spent"
     ax.set(xlabel=f"ε ({x_name})", ylabel=ylabel, title=f"{title} ({_seeds(seeds)})")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_privacy_utility(rows: list[dict], keys: list[str], path: Path) -> Path | None:
@@ -224,9 +221,7 @@ def plot_clients(rows: list[dict], keys: list[str], auc_path: Path, wall_path: P
         ax.set_xticks(sorted({r["clients.num"] for r in rows}))
         ax.set(xlabel="clients", ylabel=ylabel, title=f"clients vs {'AUC' if y == 'auc' else 'wall time'}")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        save_figure(fig, path)
         out.append(path)
     return out
 
@@ -264,10 +259,7 @@ def plot_unlearning(rows: list[dict], keys: list[str], path: Path) -> Path | Non
     ax.set(xlabel="shards K (each trained on 1/K of the rows)", ylabel="test AUC (bars: 95 % CI)",
            title=f"APA unlearning: merged shard adapters vs retraining ({_seeds(seeds)})")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def compared(sweep_dir: Path, against: str, parent, log=print) -> None:
