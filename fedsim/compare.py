@@ -222,7 +222,8 @@ def compare_sweep(sweep_dir: str | Path, against: str, seed: int = 0, n_boot: in
     for t in trials:
         p = t["params"]
         ref = next((r for r in trials if is_ref(r) and all(_same(r["params"].get(k), p.get(k)) for k in others)), None)
-        row = {"trial": t["trial"], "params": p, "run_dir": t["run_dir"], "reference": ref and ref["trial"]}
+        trial_seed = p.get("train.seed", t.get("config", {}).get("train", {}).get("seed"))  # varied, or the sweep's one
+        row = {"trial": t["trial"], "params": p, "seed": trial_seed, "run_dir": t["run_dir"], "reference": ref and ref["trial"]}
         rows.append(row)
         if not (Path(t["run_dir"]) / "predictions.parquet").exists():
             row["status"] = "not finished"
@@ -307,6 +308,8 @@ def comparison_lines(r: dict) -> dict:
     zero = {"diff": 0.0, "low": 0.0, "high": 0.0}
     lines = {}
     for label, group in series(done, keys, x, get).items():
+        if all(t["status"] == "reference" for t in group):
+            continue  # the reference's own line: the zero line draws it
         points = []
         for at in sorted({_number(get(t, x)) for t in group}):
             ds = [t.get("diff", zero) for t in group if _number(get(t, x)) == at]
@@ -340,7 +343,7 @@ def plot_sweep_comparison(r: dict, path: Path) -> Path | None:
         ax.set_xscale("log", base=2)
     ax.set_xticks(xs, [f"{x:g}" for x in xs])
     ax.minorticks_off()
-    seeds = sorted({t["params"].get("train.seed") for t in r["trials"]} - {None})
+    seeds = sorted({t["seed"] for t in r["trials"]} - {None})
     ax.set(xlabel=drawn["x"], ylabel="AUC − reference, paired (bars: 95 % CI)",
            title=f"{r['name']}: each trial against its reference (seeds {', '.join(map(str, seeds))})")
     ax.legend(fontsize=8)

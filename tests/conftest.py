@@ -1,3 +1,4 @@
+import json
 import os
 import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -83,6 +84,23 @@ def mlflow_store(tmp_path_factory):
             path.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(template[0], path)
     return make
+
+
+@pytest.fixture
+def notebook(monkeypatch):
+    """`notebook(uri, cwd)`: notebooks/compare_runs.ipynb's code cells run in order against the MLflow
+    store at `uri`, in `cwd` (where it writes its figures); its namespace, to check what it made."""
+    cells = json.loads((Path(__file__).parents[1] / "notebooks" / "compare_runs.ipynb").read_text())["cells"]
+
+    def run(uri: str, cwd: Path) -> dict:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        monkeypatch.chdir(cwd)
+        ns: dict = {}
+        for cell in cells:
+            if cell["cell_type"] == "code":
+                exec(compile("".join(cell["source"]), "compare_runs.ipynb", "exec"), ns)
+        return ns
+    return run
 
 
 @pytest.fixture

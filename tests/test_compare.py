@@ -263,3 +263,4 @@ def test_a_sweep_over_client_counts_plots_each_partitions_gap_to_centralized_alo
     assert png in written and png.stat().st_size > 10_000
     # nothing numeric varies: no plot, the table alone
     assert comparison_lines({**r, "keys": ["partition.method", "train.seed"]}) == {}
+    assert [t["seed"] for t in r["trials"][:2]] == [0, 0]

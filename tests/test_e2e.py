@@ -132,18 +132,14 @@ def test_impossible_resources_fail_before_any_actor_starts(ray_local, tiny_cfg):
         run(cfg, log=lambda *a: None)
 
 
-def test_comparison_notebook_runs_on_a_real_store(ray_local, tiny_cfg, monkeypatch, tmp_path):
-    """notebooks/compare_runs.ipynb: its code cells, run in order against a store made by two runs."""
+def test_comparison_notebook_runs_on_a_real_store(ray_local, tiny_cfg, notebook, tmp_path):
+    """notebooks/compare_runs.ipynb: its code cells, run in order against a store made by two runs
+    (tests/test_tune.py runs it on a sweep's store)."""
     cfg = tiny_cfg("train.rounds=1")
     run(cfg, log=lambda *a: None)
     run(tiny_cfg("train.rounds=1", "strategy.name=pplr", "name=second"), log=lambda *a: None)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", cfg.tracking.uri)
-    nb = json.loads(Path("notebooks/compare_runs.ipynb").read_text())
-    monkeypatch.chdir(tmp_path)  # where the notebook writes its figures
-    ns: dict = {}
-    for cell in nb["cells"]:
-        if cell["cell_type"] == "code":
-            exec(compile("".join(cell["source"]), "compare_runs.ipynb", "exec"), ns)
+    ns = notebook(cfg.tracking.uri, tmp_path)
+    assert ns["sweep_tables"] == {}
     table = ns["table"]
     assert len(table) == 2 and set(table["run"]) == {"tiny", "second"}
     assert table["auc"].between(0, 1).all() and (table["MiB_up"] > 0).all()

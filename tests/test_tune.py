@@ -140,10 +140,11 @@ def test_a_trial_that_cannot_fit_the_cluster_is_an_error_before_tune_starts(ray_
     assert not (tmp_path / "runs").exists()  # nothing started
 
 
-def test_sweep_under_tune_nested_mlflow_runs_and_resume(ray_local, tmp_path, mlflow_store):
+def test_sweep_under_tune_nested_mlflow_runs_and_resume(ray_local, tmp_path, mlflow_store, notebook):
     """Four trials (2 clients counts x 2 epsilons, two at a time), interrupted as Ctrl+C would once two
     finished (the third is then usually mid-run), then resumed: every trial ends with one nested
-    MLflow run holding each round's metrics exactly once."""
+    MLflow run holding each round's metrics exactly once. The comparison notebook on this store
+    shows the sweep as its parent run holds it."""
     from mlflow import MlflowClient
 
     from fedsim.tuning.tune import run_sweep
@@ -184,6 +185,15 @@ def test_sweep_under_tune_nested_mlflow_runs_and_resume(ray_local, tmp_path, mlf
     table = client.download_artifacts(parent.info.run_id, "compare/compare_privacy.client_dp.epsilon=inf.md", str(tmp_path))
     lines = [line for line in open(table) if line.startswith("| ")]
     assert sum("reference |" in line for line in lines) == 2 and sum("paired over" in line for line in lines) == 2
+    assert "compare/compare_privacy.client_dp.epsilon=inf.png" in {  # the differences along clients.num
+        a.path for a in client.list_artifacts(parent.info.run_id, "compare")}
+    ns = notebook(uri, tmp_path)
+    shown = ns["sweep_tables"][parent.info.run_name]
+    assert len(shown) == 4 and set(shown["status"]) == {"FINISHED"}
+    assert all(re.fullmatch(r"0\.\d{3} \[0\.\d{3}, [01]\.\d{3}\]", c) for c in shown["AUC [95 % CI]"])
+    assert {"privacy_utility.png", "clients_auc.png", "compare_privacy.client_dp.epsilon=inf.png"} <= {
+        p.name for p in ns["sweep_plots"][parent.info.run_name]}
+    assert len(ns["table"]) == 4  # the trials' own runs, one row each
     nested = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert sorted(int(r.data.tags["fedsim.trial"]) for r in nested) == [0, 1, 2, 3]
     by_trial = {int(r.data.tags["fedsim.trial"]): r for r in nested}
