@@ -345,7 +345,8 @@ def plot_sweep_comparison(r: dict, path: Path) -> Path | None:
     ax.minorticks_off()
     seeds = sorted({t["seed"] for t in r["trials"]} - {None})
     ax.set(xlabel=drawn["x"], ylabel="AUC − reference, paired (bars: 95 % CI)",
-           title=f"{r['name']}: each trial against its reference (seeds {', '.join(map(str, seeds))})")
+           title=f"{r['name']}: each trial against its reference (seed{'s' * (len(seeds) > 1)} "
+                 f"{', '.join(map(str, seeds))})")
     ax.legend(fontsize=8)
     return save_figure(fig, path)
 
