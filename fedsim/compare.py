@@ -222,8 +222,9 @@ def compare_sweep(sweep_dir: str | Path, against: str, seed: int = 0, n_boot: in
     for t in trials:
         p = t["params"]
         ref = next((r for r in trials if is_ref(r) and all(_same(r["params"].get(k), p.get(k)) for k in others)), None)
-        trial_seed = p.get("train.seed", t.get("config", {}).get("train", {}).get("seed"))  # varied, or the sweep's one
-        row = {"trial": t["trial"], "params": p, "seed": trial_seed, "run_dir": t["run_dir"], "reference": ref and ref["trial"]}
+        trial_seed = p.get("train.seed", t.get("config", {}).get("train", {}).get("seed"))  # varied, or the one
+        row = {"trial": t["trial"], "params": p, "seed": trial_seed, "run_dir": t["run_dir"],
+               "reference": ref and ref["trial"]}
         rows.append(row)
         if not (Path(t["run_dir"]) / "predictions.parquet").exists():
             row["status"] = "not finished"

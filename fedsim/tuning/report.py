@@ -177,7 +177,8 @@ def _plot_vs_epsilon(rows: list[dict], keys: list[str], path: Path, y: str, ci: 
         ax.axhline(value, ls="--", lw=1, color=f"C{len(groups) + k}", label=name)
     ax.set_xscale("log")
     no_dp = any(x_of(r) == math.inf for r in rows)
-    ax.set_xticks(sorted(set(finite)) + [inf_at] * no_dp, [fmt_value(x) for x in sorted(set(finite))] + ["∞ (no DP)"] * no_dp)
+    ax.set_xticks(sorted(set(finite)) + [inf_at] * no_dp,
+                  [fmt_value(x) for x in sorted(set(finite))] + ["∞ (no DP)"] * no_dp)
     ax.minorticks_off()
     seeds = sorted({r["seed"] for r in rows})
     x_name = "each kind's target" if target == "dp_epsilon" else target or "spent"
