@@ -252,7 +252,7 @@ def compare_sweep(sweep_dir: str | Path, against: str, seed: int = 0, n_boot: in
         if row["status"] == "compared":
             arm = tuple((k, row["params"].get(k)) for k in sweep["keys"] if k != "train.seed")
             arms.setdefault(arm, []).append(row)
-    summary = [{"arm": dict(arm), "seeds": [r["params"].get("train.seed") for r in rs],
+    summary = [{"arm": dict(arm), "seeds": [r["seed"] for r in rs],
                 "diffs": [r["diff"]["diff"] for r in rs],
                 "better": sum(r["diff"]["low"] > 0 for r in rs), "worse": sum(r["diff"]["high"] < 0 for r in rs)}
                for arm, rs in arms.items()]
