@@ -247,8 +247,10 @@ class PPLRConfig:
     lr_max_scale: float = 2.0
     # What s_ij compares: `adapter` (theta_i, as in the paper) or `update` (theta_i - theta_0, what
     # the client has learned since the shared init; with a shared init the adapters' cosine is
-    # dominated by the common A and is ~1 for every pair, so `update` is what tells clients apart).
-    similarity_on: Literal["adapter", "update"] = "adapter"
+    # dominated by the common A and is ~1 for every pair, so `update` is what tells clients apart)
+    # or `round` (delta_i, this round's local update alone: `update` converges to ~1 too once every
+    # client starts its rounds from a mix near the mean).
+    similarity_on: Literal["adapter", "update", "round"] = "adapter"
     # Where the aggregator keeps each client's adapter (fedsim.server.table): `memory`, or `disk`
     # (one file per client in the run directory; the aggregator holds only the sampled clients);
     # `auto`: disk once the table would pass 1 GiB (about 580 SmolLM2 LoRA adapters).

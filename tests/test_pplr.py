@@ -94,6 +94,27 @@ def test_similarity_on_update_tells_apart_clients_that_a_shared_init_makes_look_
                                                            "strategy.pplr.similarity_on=update"])).similarity_on == "update"
 
 
+def test_similarity_on_round_compares_this_rounds_updates_where_the_cumulative_ones_agree():
+    # Round 0 moves both clients far the same way; in round 1 they move apart. Since the init, their
+    # updates still agree (cos ~1); this round's updates are opposite (s = 0).
+    g = torch.zeros(4)
+    common, d = torch.tensor([10.0, 10.0, 0.0, 0.0]), torch.tensor([0.0, 0.0, 1.0, -1.0])
+    on_update, on_round = PPLR(similarity_on="update"), PPLR(similarity_on="round")
+    for s in (on_update, on_round):
+        s.initialize(g, 2)
+        s.aggregate(0, updates_for([common, common], [0.6, 0.6]))
+        before = [s.params_for(c).clone() for c in (0, 1)]
+        s.aggregate(1, updates_for([d, -d], [0.6, 0.6]))
+    assert on_update.last_sim[0, 1] > 0.99
+    assert on_round.last_sim[0, 1] == pytest.approx(0.0, abs=1e-12)
+    # Nothing to pull towards: each client keeps its own adapter after this round.
+    assert torch.allclose(on_round.params_for(0), before[0] + d) and torch.allclose(on_round.params_for(1), before[1] - d)
+    with pytest.raises(ValueError, match="similarity_on 'rounds' is not one of 'adapter', 'update', 'round'"):
+        PPLR(similarity_on="rounds")
+    assert make_strategy(load_config("configs/tiny.yaml", ["strategy.name=pplr",
+                                                           "strategy.pplr.similarity_on=round"])).similarity_on == "round"
+
+
 def test_non_reporting_clients_keep_their_last_adapter_and_deltas_are_from_their_own_params():
     torch.manual_seed(1)
     g = torch.randn(5)

@@ -6,7 +6,8 @@ Per round t (0-based), over the clients P that reported:
 
     theta_i  = params_for(i) + delta_i                      client i's adapter after local training
     s_ij     = (cos(theta_i, theta_j) + 1) / 2,  s_ii = 1   similarity, in [0, 1]
-               (similarity_on="update": cos(theta_i - theta_0, theta_j - theta_0), theta_0 the shared init)
+               (similarity_on="update": cos(theta_i - theta_0, theta_j - theta_0), theta_0 the shared init;
+                similarity_on="round": cos(delta_i, delta_j), what each client learned this round alone)
     p        = softmax(L / temperature)                     L: the clients' mean train losses this round
     w_i      = tanh(alpha / p_i ** (t + 1/beta))            "heats up" over rounds; slower for large p_i
     theta_i' = (theta_i + sum_{j != i} w_i s_ij theta_j) / (1 + sum_{j != i} w_i s_ij)
@@ -119,8 +120,8 @@ class PPLR(Strategy):
             raise ValueError(f"PPLR needs alpha, beta, temperature > 0, got {alpha}, {beta}, {temperature}")
         if lr_rule not in ("none", "loss_gap"):
             raise ValueError(f"PPLR lr_rule {lr_rule!r} is not one of 'none', 'loss_gap'")
-        if similarity_on not in ("adapter", "update"):
-            raise ValueError(f"PPLR similarity_on {similarity_on!r} is not one of 'adapter', 'update'")
+        if similarity_on not in ("adapter", "update", "round"):
+            raise ValueError(f"PPLR similarity_on {similarity_on!r} is not one of 'adapter', 'update', 'round'")
         self.similarity_on = similarity_on
         if table not in ("auto", "memory", "disk"):
             raise ValueError(f"PPLR table {table!r} is not one of 'auto', 'memory', 'disk'")
@@ -169,6 +170,17 @@ class PPLR(Strategy):
 
     # -- aggregation -----------------------------------------------------------------------------
 
+    def compared(self, thetas: torch.Tensor, updates: list[Update]) -> torch.Tensor:
+        """What s_ij is the cosine of. `update`: everything learned since the shared init; clients
+        start each round from mixes near the mean, so these converge and s goes to 1 within a few
+        rounds (measured: 0.999 by round 9 on k-means clients). `round`: only this round's local
+        steps, which follow each client's own data from wherever it started."""
+        if self.similarity_on == "update":
+            return thetas - self.initial.double()
+        if self.similarity_on == "round":
+            return torch.stack([u.delta.double() for u in updates])
+        return thetas
+
     def aggregate(self, round: int, updates: list[Update], finish: Finish = no_finish) -> dict[str, float]:
         updates = sorted(updates, key=lambda u: u.client)  # canonical order: independent of arrival
         clients = [u.client for u in updates]
@@ -180,7 +192,7 @@ class PPLR(Strategy):
         losses = sanitize_losses([u.metrics.get("loss", float("nan")) for u in updates])
         scales = {c: self.lr_scale(c) for c in clients}  # the scale each trained with this round
 
-        s = similarity(thetas - self.initial.double() if self.similarity_on == "update" else thetas)
+        s = similarity(self.compared(thetas, updates))
         w, p = balance_weights(losses, round, self.alpha, self.beta, self.temperature)
         mixed = mix(thetas, s, w)
 
