@@ -199,6 +199,12 @@ def fmt_bytes(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
+def rate(x: float) -> str:
+    """Three significant digits at least: a tiny model on a loaded CPU runs at well under 0.01 GFLOP/s,
+    which a fixed two decimals would print as 0.00."""
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
 def table(rows: list[dict], dev: dict) -> str:
     gpu = dev["peak_tflops"] is not None or dev["gpus"] > 0
     head = ["mode", "executors", "tokens/s", "samples/s", "TFLOP/s" if gpu else "GFLOP/s", "MFU",
@@ -206,8 +212,8 @@ def table(rows: list[dict], dev: dict) -> str:
     out = []
     for r in rows:
         flops = r.get("flops_per_s")
-        out.append([r["mode"], str(r.get("executors", "")), f"{r['tokens_per_s']:,.0f}", f"{r['samples_per_s']:,.1f}",
-                    "n/a" if flops is None else f"{flops / (1e12 if gpu else 1e9):,.2f}",
+        out.append([r["mode"], str(r.get("executors", "")), rate(r["tokens_per_s"]), rate(r["samples_per_s"]),
+                    "n/a" if flops is None else rate(flops / (1e12 if gpu else 1e9)),
                     f"{100 * r['mfu']:.1f} %" if r.get("mfu") is not None else "n/a",
                     fmt_bytes(r["peak_bytes"]) if r.get("peak_bytes") else "n/a",
                     f"{100 * r['overhead']:.1f} %", f"{r.get('tokens_per_row', float('nan')):.0f}"])

@@ -14,7 +14,7 @@ def test_bench_prints_a_row_per_mode_with_positive_figures(ray_local, tmp_path, 
                  "--fused-executors", "1", "--out", str(out), "--plot", str(tmp_path / "bench.png")]) == 0
     text = capsys.readouterr().out
     for mode, executors in (("actors", 2), ("pool", 2), ("fused", 1)):
-        row = re.search(rf"^{mode}\s+(\d+)\s+([\d,]+)\s+([\d,.]+)\s+([\d,.]+)\s+n/a\s+([\d.]+) (MiB|GiB)\s+([\d.]+) %\s+(\d+)$",
+        row = re.search(rf"^{mode}\s+(\d+)\s+([\d,.e+-]+)\s+([\d,.e+-]+)\s+([\d,.e+-]+)\s+n/a\s+([\d.]+) (MiB|GiB)\s+([\d.]+) %\s+(\d+)$",
                         text, re.M)
         assert row, (mode, text)
         assert int(row[1]) == executors
