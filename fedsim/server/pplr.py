@@ -53,6 +53,7 @@ from fedsim.server.table import DiskTable, MemoryTable
 
 LOSS_CLIP = 1e12
 TABLE_RAM_LIMIT = 2**30  # bytes of adapters above which table: auto keeps them on disk
+SIMILARITY_ON = ("adapter", "update", "round")  # what s_ij compares (PPLR.compared)
 
 
 def sanitize_losses(losses) -> np.ndarray:
@@ -120,8 +121,8 @@ class PPLR(Strategy):
             raise ValueError(f"PPLR needs alpha, beta, temperature > 0, got {alpha}, {beta}, {temperature}")
         if lr_rule not in ("none", "loss_gap"):
             raise ValueError(f"PPLR lr_rule {lr_rule!r} is not one of 'none', 'loss_gap'")
-        if similarity_on not in ("adapter", "update", "round"):
-            raise ValueError(f"PPLR similarity_on {similarity_on!r} is not one of 'adapter', 'update', 'round'")
+        if similarity_on not in SIMILARITY_ON:
+            raise ValueError(f"PPLR similarity_on {similarity_on!r} is not one of {', '.join(map(repr, SIMILARITY_ON))}")
         self.similarity_on = similarity_on
         if table not in ("auto", "memory", "disk"):
             raise ValueError(f"PPLR table {table!r} is not one of 'auto', 'memory', 'disk'")
