@@ -41,16 +41,18 @@ def executor(prepared, tmp_path):
 
 
 def assert_close(a, b, what, loose=False):
-    if loose:
-        # RecLoRA's bank: an entry whose true gradient is ~0 (A_k while B_k is still ~0, rows' terms
-        # cancelling) carries float32 rounding that Adam's m / sqrt(v) scales up to ~lr; measured: at
-        # most 2 % of the entries outside TOL (fedsa's local B), none further than 0.6 % of the
-        # largest entry. A row through another client's bank or router would move most entries.
-        off = ~torch.isclose(a, b, **TOL)
-        worst = float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
-        assert float(off.float().mean()) <= 0.05 and worst <= 0.02, f"{what}: {int(off.sum())} entries off, {worst:.2%}"
-        return
-    torch.testing.assert_close(a, b, **TOL, msg=lambda m: f"{what}: {m}")
+    """Fused and one-by-one sum the same terms in another order, so float32 rounding differs; Adam's
+    m / sqrt(v) scales an entry whose true gradient is ~0 up to ~lr whichever way its rounding goes.
+    So a few entries may sit outside TOL, none far: measured, 1 entry in 1,792 off by 3.2e-6 (0.02 %
+    of the largest) on an AVX-512 CPU where an older one had none. RecLoRA's bank (`loose`) has many
+    such entries (A_k while B_k is still ~0, rows' terms cancelling): at most 2 % outside TOL (fedsa's
+    local B), none further than 0.6 % of the largest. A row through another client's adapter, bank
+    or router moves most entries, far more."""
+    off = ~torch.isclose(a, b, **TOL)
+    worst = float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+    most_off, furthest = (0.05, 0.02) if loose else (0.005, 0.002)
+    assert float(off.float().mean()) <= most_off and worst <= furthest, \
+        f"{what}: {int(off.sum())} of {off.numel()} entries off, the worst by {worst:.3%} of the largest"
 
 
 def train_both(one, many, rounds=2):
