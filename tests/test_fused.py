@@ -172,7 +172,8 @@ def test_grouped_and_gather_paths_give_the_same_outputs(executor):
         grouped = ex._logits(rows)[0]
         group.route.span = None  # force the per-row gather
         gathered = ex._logits(rows)[0]
-    assert_close(gathered, grouped, "logits")
+    # No optimizer here to amplify rounding: every logit within TOL.
+    torch.testing.assert_close(gathered, grouped, **TOL, msg=lambda m: f"logits: {m}")
 
 
 def test_chunks_pack_whole_consecutive_clients():
