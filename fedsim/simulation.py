@@ -19,7 +19,7 @@ import ray
 from ray.util.placement_group import get_current_placement_group
 
 from fedsim.client.executor import ClientExecutor
-from fedsim.client.faults import claim, clear_claims
+from fedsim.client.faults import claim, clear_claims, start_attempt
 from fedsim.core import local_ray
 from fedsim.core.placement import bundle_placement, executor_gpus  # noqa: F401 (tune, tests import them here)
 from fedsim.core.placement import executor_group, executor_placement, placement_of
@@ -292,6 +292,8 @@ class Simulation:
         self.cfg = load_run_config(run_dir) if self.resuming else cfg
         self.run_dir = Path(run_dir) if run_dir else new_run_dir(cfg)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        # Before any executor starts: this driver's claims, apart from a killed driver's (fedsim.client.faults)
+        self.claims = start_attempt(self.run_dir)
         self.log = log
         if not self.resuming:
             save_config(self.cfg, self.run_dir / "config.yaml")
@@ -418,7 +420,7 @@ class Simulation:
         """faults.round_timeout passed: drop every pending client that the driver can still claim
         late (fedsim.client.faults); its executor then discards the update and keeps nothing of it."""
         for ref, (client, _) in list(pending.items()):
-            if claim(self.run_dir, client, round, "late"):
+            if claim(self.claims, client, round, "late"):
                 pending.pop(ref)
                 failures[client] = TimeoutError(f"not back within faults.round_timeout={self.cfg.faults.round_timeout:g} s")
                 self.log(f"\nround {round + 1}: client {client} dropped from {phase} (not back within "
@@ -460,7 +462,7 @@ class Simulation:
         lrs = ray.get(self.aggregator.client_lrs.remote(sampled, cfg.train.lr))
         timeout = cfg.faults.round_timeout
         if timeout is not None:
-            clear_claims(self.run_dir, sampled, round)  # an earlier attempt at this round (resumed) is void
+            clear_claims(self.claims, sampled, round)
         deadline = None if timeout is None else time.monotonic() + timeout
         if self.split_server is not None:
             ray.get(self.split_server.start_round.remote(round))

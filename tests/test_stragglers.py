@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedsim.client.faults import claim, claim_path
+from fedsim.client.faults import claim, claim_path, claims_dir, start_attempt
 from fedsim.config import ConfigError, load_config
 from fedsim.simulation import run
 
@@ -19,6 +19,17 @@ def test_the_first_to_claim_a_client_round_wins(tmp_path):
     assert claim(tmp_path, 2, 0, "late") and not claim(tmp_path, 2, 0, "done")  # the executor discards
     assert claim(tmp_path, 1, 0, "done") and not claim(tmp_path, 1, 0, "late")  # the driver waits for it
     assert claim_path(tmp_path, 2, 0).read_text() == "late"
+
+
+def test_a_resumed_run_claims_apart_from_the_killed_driver_it_replaces(tmp_path):
+    old = start_attempt(tmp_path)  # what the killed driver's executors read when they started
+    new = start_attempt(tmp_path)  # the resumed driver's, before its executors start
+    assert claims_dir(tmp_path) == new != old
+    assert claim(new, 1, 0, "done")
+    # A straggler of the killed driver that Ray has not ended yet waits on its own attempt's claim:
+    # it is not woken by the new run's, and what it claims is not the new run's to abide by.
+    assert not claim_path(old, 1, 0).exists()
+    assert claim(old, 1, 0, "late") and claim(new, 1, 0, "done")
 
 
 def test_slow_needs_a_timeout():
@@ -38,7 +49,7 @@ def test_a_straggler_is_dropped_and_its_late_update_never_reaches_a_later_round(
     crash = crash_round0_run
     assert slow["complete"] and slow["dropped"] == crash["dropped"] == [{"round": 0, "client": 1}]
     run_dir = Path(slow["run_dir"])
-    assert claim_path(run_dir, 1, 0).read_text() == "late"
+    assert claim_path(claims_dir(run_dir), 1, 0).read_text() == "late"
     # The straggler did finish its round-0 training later, and kept nothing of it: its store holds
     # only round 1's entry, so round 1 started from the global model as after the crash.
     assert sorted(p.name for p in (run_dir / "client_state" / "client_00001").glob("r*.pt")) == ["r1.pt"]

@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 
 from fedsim.client.compiled import compile_decoder
-from fedsim.client.faults import claim, maybe_slow
+from fedsim.client.faults import claim, claims_dir, maybe_slow
 from fedsim.client.schedule import client_lr
 from fedsim.client.seeds import AUDIT_STREAM, HOLDOUT_STREAM, INTERIM_EVAL_STREAM, client_seed
 from fedsim.client.trainers import Fused, LocalRun, adapter_class, local_loop, trainer_class
@@ -62,6 +62,7 @@ class ClientExecutor:
         quiet_transformers()
         self.cfg = config_from_dict(config)
         self.run_dir = Path(run_dir)
+        self.claims = claims_dir(self.run_dir)  # its driver's attempt's (fedsim.client.faults)
         self.executor_id = executor_id
         base, self.tokenizer = load_base(model_path, self.cfg.model.dtype)
         self.device = next(base.parameters()).device
@@ -118,7 +119,7 @@ class ClientExecutor:
         """Everything before a client's first local step: its rows, the received adapter (and its own
         local part) in the model, its AdamW with its saved moments, its seeded batch order."""
         maybe_crash(self.cfg.faults.crash, self.run_dir, round, client)
-        maybe_slow(self.cfg, self.run_dir, client, round)
+        maybe_slow(self.cfg, self.claims, client, round)
         t0 = time.perf_counter()
         t = self.cfg.train
         rows, _ = self._train_rows(client)
@@ -170,7 +171,7 @@ class ClientExecutor:
         self.adapter.keep(saved)
         # Past faults.round_timeout the driver has dropped this client from the round: nothing of
         # the round is kept, so its late update never reaches a later one.
-        late = self.cfg.faults.round_timeout is not None and not claim(self.run_dir, run.client, run.round, "done")
+        late = self.cfg.faults.round_timeout is not None and not claim(self.claims, run.client, run.round, "done")
         if not late:
             self.store.save(run.client, run.round, saved)
         meta = {"client": run.client, "executor": self.executor_id, "num_samples": run.seen, "weight": weight,

@@ -9,6 +9,10 @@ is done ("done"), or the driver when the client is not back in time ("late"). Th
 an executor that finds "late" discards the update and saves nothing of the round (no optimizer
 moments, no local factors), so a late update never reaches a later round; a driver that finds
 "done" waits for that client's result, which is on its way.
+
+The claims live in a directory of the driver's attempt at the run (a new one on every start or
+resume), which each executor reads once, when it starts: an executor of a killed driver that Ray
+has not ended yet never sees, nor makes, a claim of the run that resumed it.
 """
 from __future__ import annotations
 
@@ -18,13 +22,28 @@ from pathlib import Path
 
 
 
-def claim_path(run_dir: Path, client: int, round: int) -> Path:
-    return Path(run_dir) / "faults" / "claims" / f"r{round}_c{client}"
+def start_attempt(run_dir: Path) -> Path:
+    """A driver starting (or resuming) the run, before its executors: its own claims directory."""
+    path = Path(run_dir) / "faults" / "attempt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{os.getpid()}-{time.time_ns()}")
+    return claims_dir(run_dir)
 
 
-def claim(run_dir: Path, client: int, round: int, who: str) -> bool:
-    """Claim (round, client) for `who` ("done" or "late"); False when the other side has it."""
-    path = claim_path(run_dir, client, round)
+def claims_dir(run_dir: Path) -> Path:
+    """The current attempt's claims directory (read once by each process that starts)."""
+    path = Path(run_dir) / "faults" / "attempt"
+    return Path(run_dir) / "faults" / "claims" / (path.read_text().strip() if path.exists() else "0")
+
+
+def claim_path(claims: Path, client: int, round: int) -> Path:
+    return Path(claims) / f"r{round}_c{client}"
+
+
+def claim(claims: Path, client: int, round: int, who: str) -> bool:
+    """Claim (round, client) for `who` ("done" or "late") in the attempt's `claims` directory;
+    False when the other side has it."""
+    path = claim_path(claims, client, round)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -35,16 +54,17 @@ def claim(run_dir: Path, client: int, round: int, who: str) -> bool:
     return True
 
 
-def clear_claims(run_dir: Path, clients: list[int], round: int) -> None:
-    """Before a round is dispatched: claims of an earlier attempt at it (a resumed run) are void."""
+def clear_claims(claims: Path, clients: list[int], round: int) -> None:
+    """Before a round is dispatched: claims of an earlier dispatch of it (a shard retrained by an
+    unlearning request) are void."""
     for c in clients:
-        claim_path(run_dir, c, round).unlink(missing_ok=True)
+        claim_path(claims, c, round).unlink(missing_ok=True)
 
 
-def maybe_slow(cfg, run_dir: Path, client: int, round: int) -> None:
+def maybe_slow(cfg, claims: Path, client: int, round: int) -> None:
     """A straggler: start only after the driver has marked the client late (bounded, in case it never does)."""
     if not any(s["round"] == round and s["client"] == client for s in cfg.faults.slow):
         return
     deadline = time.monotonic() + 10 * cfg.faults.round_timeout + 60
-    while not claim_path(run_dir, client, round).exists() and time.monotonic() < deadline:
+    while not claim_path(claims, client, round).exists() and time.monotonic() < deadline:
         time.sleep(0.05)
