@@ -287,6 +287,11 @@ class EvalConfig:
     # Scoring is most of a CPU run's evaluation cost; a subset still shows the learning curve.
     # Interim AUCs carry wider intervals.
     interim_rows: Optional[int] = None
+    # The per-client summaries (auc_mean, auc_std, auc_min, auc_max, auc_gap) count only clients
+    # with at least this many scored rows. With users as clients many hold 1-3 test rows, whose AUC
+    # is 0, 0.5 or 1 by chance, and the worst-to-best band is then always 0 to 1. Every row still
+    # counts in the pooled AUC, and every client's own client/C/auc is still logged.
+    client_min_rows: int = 1
 
 
 @dataclass
@@ -653,6 +658,7 @@ def validate(cfg: Config) -> Config:
     _check(cfg.eval.batch_size >= 1, "eval.batch_size", cfg.eval.batch_size, "must be >= 1")
     _check(cfg.eval.interim_rows is None or cfg.eval.interim_rows >= 2, "eval.interim_rows", cfg.eval.interim_rows,
            "must be >= 2 or null (every row)")
+    _check(cfg.eval.client_min_rows >= 1, "eval.client_min_rows", cfg.eval.client_min_rows, "must be >= 1")
     pp = cfg.strategy.pplr
     for k in ("alpha", "beta", "temperature"):
         _check(getattr(pp, k) > 0, f"strategy.pplr.{k}", getattr(pp, k), "must be > 0")

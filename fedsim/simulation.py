@@ -140,8 +140,9 @@ def balance_rows(rows: dict[int, int], clients: list[int], executors: int) -> di
 # Metrics
 
 
-def eval_metrics(results: list[dict], num_clients: int, seed: int = 0) -> dict[str, float]:
-    """Per-client and pooled metrics; the pooled AUC with a 95 % bootstrap interval over rows."""
+def eval_metrics(results: list[dict], num_clients: int, seed: int = 0, min_rows: int = 1) -> dict[str, float]:
+    """Per-client and pooled metrics; the pooled AUC with a 95 % bootstrap interval over rows. The
+    per-client summaries (auc_mean ... auc_gap) cover clients with at least `min_rows` rows."""
     out: dict[str, float] = {}
     per_client, adapter = [], {}
     for r in results:
@@ -154,7 +155,7 @@ def eval_metrics(results: list[dict], num_clients: int, seed: int = 0) -> dict[s
         for k, v in r.get("metrics", {}).items():  # the adapter's, e.g. personal/eval_alpha_entropy
             out[f"client/{c}/{k}"] = v
             adapter.setdefault(k, []).append(v)
-        if a == a:
+        if a == a and len(y) >= min_rows:
             per_client.append(a)
     y = np.concatenate([r["labels"] for r in results])
     p = np.concatenate([r["probs"] for r in results])
@@ -561,7 +562,7 @@ class Simulation:
         results = sorted((r for _, r, _ in done), key=lambda r: r["client"])
         if final:  # the final model: keep its per-row predictions
             write_predictions(self.run_dir, results)
-        return eval_metrics(results, self.cfg.clients.num, self.cfg.train.seed)
+        return eval_metrics(results, self.cfg.clients.num, self.cfg.train.seed, self.cfg.eval.client_min_rows)
 
     # -- the loop -------------------------------------------------------------------------------
 

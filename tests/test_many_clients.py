@@ -51,6 +51,27 @@ def test_eval_clients_is_checked_and_fixed_across_rounds(tiny_cfg):
     assert len(picked) == 2 and picked == eval_clients(cfg) and set(picked) <= {0, 1, 2}
 
 
+def test_per_client_summaries_leave_out_clients_below_eval_client_min_rows(tiny_cfg):
+    """Users as clients: a client with 2 test rows scores AUC 0 or 1 by chance; with
+    eval.client_min_rows it no longer sets the worst client, and its rows still count in the pool."""
+    import numpy as np
+
+    from fedsim.simulation import eval_metrics
+
+    rng = np.random.default_rng(0)
+    y = np.array([0, 1] * 10)
+    big = {"client": 0, "labels": y, "probs": np.clip(0.5 + 0.3 * (y - 0.5) + 0.2 * rng.standard_normal(20), 0, 1)}
+    tiny = {"client": 1, "labels": np.array([0, 1]), "probs": np.array([0.9, 0.1])}  # AUC 0 by chance
+    every = eval_metrics([big, tiny], 2, min_rows=1)
+    big_only = eval_metrics([big, tiny], 2, min_rows=10)
+    assert every["auc_min"] == 0.0 and every["auc_gap"] == every["client/0/auc"]
+    assert big_only["auc_min"] == big_only["auc_max"] == big_only["client/0/auc"] > 0.7
+    assert big_only["auc_gap"] == 0.0 and big_only["client/1/auc"] == 0.0  # still logged
+    assert big_only["auc"] == every["auc"] and big_only["rows"] == 22  # the pooled AUC keeps every row
+    with pytest.raises(ConfigError, match=r"eval.client_min_rows: 0 must be >= 1"):
+        tiny_cfg("eval.client_min_rows=0")
+
+
 def test_clients_without_test_rows_train_and_only_clients_with_rows_are_scored(ray_local, tiny_cfg):
     # Users as clients under a split by time: most users have no later rows. 6 test rows over 12
     # clients of 5 users each: at least 6 clients have none. They train; evaluations skip them.
