@@ -66,6 +66,7 @@ def test_per_client_summaries_leave_out_clients_below_eval_client_min_rows(tiny_
     big_only = eval_metrics([big, tiny], 2, min_rows=10)
     assert every["auc_min"] == 0.0 and every["auc_gap"] == every["client/0/auc"]
     assert big_only["auc_min"] == big_only["auc_max"] == big_only["client/0/auc"] > 0.7
+    assert big_only["auc_q25"] == big_only["auc_q75"] == big_only["client/0/auc"] and every["auc_q25"] < 0.5
     assert big_only["auc_gap"] == 0.0 and big_only["client/1/auc"] == 0.0  # still logged
     assert big_only["auc"] == every["auc"] and big_only["rows"] == 22  # the pooled AUC keeps every row
     with pytest.raises(ConfigError, match=r"eval.client_min_rows: 0 must be >= 1"):

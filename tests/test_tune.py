@@ -274,7 +274,7 @@ def test_epsilon_plots_draw_intervals_seeds_baselines_and_the_attack(tmp_path):
 
     rows = [{"privacy.sample_dp.epsilon": eps, "train.seed": seed, "seed": seed, "auc": a + 0.01 * seed,
              "auc_ci_low": a - 0.04, "auc_ci_high": a + 0.04, "auc_min": a - 0.1, "auc_max": a + 0.1,
-             "mia_auc": m, "mia_ci_low": m - 0.05, "mia_ci_high": m + 0.05, "epsilon": eps,
+             "auc_q25": a - 0.05, "auc_q75": a + 0.05, "mia_auc": m, "mia_ci_low": m - 0.05, "mia_ci_high": m + 0.05, "epsilon": eps,
              "baseline/popularity": 0.66, "baseline/history_popularity": 0.81}
             for eps, a, m in ((math.inf, 0.77, 0.71), (8.0, 0.70, 0.55), (2.0, 0.60, 0.50)) for seed in (0, 1)]
     keys = ["privacy.sample_dp.epsilon", "train.seed"]
@@ -293,7 +293,7 @@ def test_client_and_record_level_dp_in_one_sweep_are_a_line_each_from_the_same_n
     c, s = "privacy.client_dp.epsilon", "privacy.sample_dp.epsilon"
     pairs = ((math.inf, math.inf, 0.77), (8.0, math.inf, 0.70), (2.0, math.inf, 0.60), (math.inf, 8.0, 0.74), (math.inf, 2.0, 0.71))
     rows = [{c: ce, s: se, "train.seed": 0, "seed": 0, "auc": a, "auc_ci_low": a - 0.04, "auc_ci_high": a + 0.04,
-             "auc_min": a - 0.1, "auc_max": a + 0.1, "epsilon": min(ce, se)} for ce, se, a in pairs]
+             "auc_min": a - 0.1, "auc_max": a + 0.1, "auc_q25": a - 0.05, "auc_q75": a + 0.05, "epsilon": min(ce, se)} for ce, se, a in pairs]
     kinds = by_dp_kind(rows, [c, s])
     line = lambda kind: [(r["dp_epsilon"], r["auc"]) for r in kinds if r["dp"] == kind]  # noqa: E731
     assert line("client-level") == [(math.inf, 0.77), (8.0, 0.70), (2.0, 0.60)]

@@ -48,7 +48,8 @@ from fedsim.config import (Config, ConfigError, _build, apply_overrides, config_
                            set_key)
 
 # The sweep metric must be one the simulation reports after an evaluated round.
-METRICS = ("auc", "logloss", "accuracy", "auc_mean", "auc_std", "auc_min", "auc_max", "auc_gap", "train_loss")
+METRICS = ("auc", "logloss", "accuracy", "auc_mean", "auc_std", "auc_min", "auc_max", "auc_gap", "auc_q25", "auc_q75",
+           "train_loss")
 # An epsilon target in a sweep also decides whether its mechanism is on: inf / null = off.
 EPSILON_KEYS = {"privacy.client_dp.epsilon": "privacy.client_dp.enabled",
                 "privacy.sample_dp.epsilon": "privacy.sample_dp.enabled"}
