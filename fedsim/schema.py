@@ -287,10 +287,10 @@ class EvalConfig:
     # Scoring is most of a CPU run's evaluation cost; a subset still shows the learning curve.
     # Interim AUCs carry wider intervals.
     interim_rows: Optional[int] = None
-    # The per-client summaries (auc_mean, auc_std, auc_min, auc_max, auc_gap, auc_q25, auc_q75) count only clients
-    # with at least this many scored rows. With users as clients many hold 1-3 test rows, whose AUC
-    # is 0, 0.5 or 1 by chance, and the worst-to-best band is then always 0 to 1. Every row still
-    # counts in the pooled AUC, and every client's own client/C/auc is still logged.
+    # The per-client summaries (auc_mean, auc_std, auc_min, auc_max, auc_gap, auc_q25, auc_q75)
+    # count only clients with at least this many scored rows. With users as clients many hold 1-3
+    # test rows, whose AUC is 0, 0.5 or 1 by chance, and the worst-to-best band is then always 0 to
+    # 1. Every row still counts in the pooled AUC, and every client's own client/C/auc is still logged.
     client_min_rows: int = 1
 
 
