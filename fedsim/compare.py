@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fedsim.metrics import auc, auc_ci, paired_auc_diff, paired_client_aucs
+from fedsim.metrics import auc, auc_ci, paired_auc_diff, paired_auc_diff_mean, paired_client_aucs
 from fedsim.report import fmt_diff, fmt_interval, fmt_signed, pyplot, save_figure, series, verdict
 
 KEY = ["user", "item", "timestamp"]
@@ -74,8 +74,8 @@ def _shared_rows(a: str, b: str) -> tuple[pd.DataFrame, int, int]:
     if differ:
         raise ValueError(f"runs {a} and {b} label {differ} of their {len(joined)} shared rows differently "
                          f"(a different data.like_threshold?); their AUCs are not comparable")
-    rows = joined[["label_a", "prob_a", "prob_b", "client_a", "client_b"]]
-    return rows.set_axis(["label", "a", "b", "client", "client_b"], axis=1), len(pa), len(pb)
+    rows = joined[KEY + ["label_a", "prob_a", "prob_b", "client_a", "client_b"]]
+    return rows.set_axis(KEY + ["label", "a", "b", "client", "client_b"], axis=1), len(pa), len(pb)
 
 
 def compare_runs(a: str | Path, b: str | Path, seed: int = 0, n_boot: int = 1000) -> dict:
@@ -246,18 +246,35 @@ def compare_sweep(sweep_dir: str | Path, against: str, seed: int = 0, n_boot: in
                 row["status"] = str(e)
                 continue
             d = {k: r[k] for k in ("diff", "low", "high", "p_value")}
-            row.update(status="compared", rows=r["rows"], diff=d, verdict=verdict(d, "trial", "reference"))
+            row.update(status="compared", rows=r["rows"], diff=d, verdict=verdict(d, "trial", "reference"),
+                       reference_dir=ref["run_dir"])
     arms = {}  # an arm: a trial's settings but the seed
     for row in rows:
         if row["status"] == "compared":
-            arm = tuple((k, row["params"].get(k)) for k in sweep["keys"] if k != "train.seed")
-            arms.setdefault(arm, []).append(row)
+            arms.setdefault(_arm_of(row, sweep["keys"]), []).append(row)
     summary = [{"arm": dict(arm), "seeds": [r["seed"] for r in rs],
                 "diffs": [r["diff"]["diff"] for r in rs],
-                "better": sum(r["diff"]["low"] > 0 for r in rs), "worse": sum(r["diff"]["high"] < 0 for r in rs)}
+                "better": sum(r["diff"]["low"] > 0 for r in rs), "worse": sum(r["diff"]["high"] < 0 for r in rs),
+                **({"mean": _mean_over_seeds(rs, seed, n_boot)} if len(rs) > 1 else {})}
                for arm, rs in arms.items()]
     return {"sweep": str(sweep_dir), "name": sweep["name"], "keys": sweep["keys"], "against": wanted,
             "trials": rows, "arms": summary, "seed": seed, "n_boot": n_boot}
+
+
+def _arm_of(row: dict, keys: list[str]) -> tuple:
+    """A trial's arm: its settings but the seed."""
+    return tuple((k, row["params"].get(k)) for k in keys if k != "train.seed")
+
+
+def _mean_over_seeds(rows: list[dict], seed: int, n_boot: int) -> dict:
+    """An arm's paired difference averaged over its seeds, with `paired_auc_diff_mean`'s interval
+    (a row is named by its (user, item, timestamp): seeds that scored the same row draw it together)."""
+    pairs = []
+    for row in rows:
+        both = _shared_rows(row["run_dir"], row["reference_dir"])[0]
+        ids = both[KEY].astype(str).agg("|".join, axis=1).to_numpy()
+        pairs.append((ids, both["label"].to_numpy(), both["a"].to_numpy(), both["b"].to_numpy()))
+    return paired_auc_diff_mean(pairs, seed=seed, n_boot=n_boot)
 
 
 def format_sweep_comparison(r: dict) -> str:
@@ -281,9 +298,17 @@ def format_sweep_comparison(r: dict) -> str:
         n = len(arm["seeds"])
         lines.append(f"\n{name}: − ({label}) in seeds {arm['seeds']}: "
                      + ", ".join(fmt_signed(d) for d in arm["diffs"])
-                     + f" (mean {fmt_signed(float(np.mean(arm['diffs'])))}); better in {arm['better']} of {n}, "
+                     + f" (mean {_fmt_mean(arm, float(np.mean(arm['diffs'])))}); better in {arm['better']} of {n}, "
                        f"worse in {arm['worse']}, within noise in {n - arm['better'] - arm['worse']}")
     return "\n".join(lines)
+
+
+def _fmt_mean(arm: dict, plain: float) -> str:
+    m = arm.get("mean")
+    if not m or m["diff"] != m["diff"]:
+        return fmt_signed(plain)
+    return (f"{fmt_signed(m['diff'])} [{fmt_signed(m['low'])}, {fmt_signed(m['high'])}] over the {m['rows']} rows "
+            f"the seeds scored, {verdict(m, 'trial', 'reference')}")
 
 
 def _number(v) -> float | None:
@@ -296,7 +321,8 @@ def _number(v) -> float | None:
 def comparison_lines(r: dict) -> dict:
     """What the comparison's plot draws: x is the first numeric key that varies (e.g. clients.num),
     a line per setting of the other keys (`fedsim.report.series`), at each x the paired difference
-    and its interval averaged over seeds, each seed's difference kept; a reference trial is 0.
+    averaged over seeds with its interval (`_mean_over_seeds`; one seed: its own), each seed's
+    difference kept; a reference trial is 0.
     {} when no numeric key varies (nothing to draw a line along)."""
     done = [t for t in r["trials"] if t["status"] in ("compared", "reference")]
     get = lambda t, k: t["params"].get(k)  # noqa: E731
@@ -307,22 +333,27 @@ def comparison_lines(r: dict) -> dict:
         return {}
     x = numeric[0]
     zero = {"diff": 0.0, "low": 0.0, "high": 0.0}
+    pooled = {tuple(a["arm"].items()): a["mean"] for a in r["arms"] if "mean" in a}
     lines = {}
     for label, group in series(done, keys, x, get).items():
         if all(t["status"] == "reference" for t in group):
             continue  # the reference's own line: the zero line draws it
         points = []
         for at in sorted({_number(get(t, x)) for t in group}):
-            ds = [t.get("diff", zero) for t in group if _number(get(t, x)) == at]
-            points.append({"x": at, "seeds": [d["diff"] for d in ds],
-                           **{k: float(np.mean([d[k] for d in ds])) for k in ("diff", "low", "high")}})
+            ts = [t for t in group if _number(get(t, x)) == at]
+            ds = [t.get("diff", zero) for t in ts]
+            point = {k: float(np.mean([d[k] for d in ds])) for k in ("diff", "low", "high")}
+            mean = pooled.get(_arm_of(ts[0], r["keys"]))  # the seeds' mean with its own interval
+            if mean and mean["diff"] == mean["diff"]:
+                point = {k: mean[k] for k in ("diff", "low", "high")}
+            points.append({"x": at, "seeds": [d["diff"] for d in ds], **point})
         lines[label] = points
     return {"x": x, "lines": lines}
 
 
 def plot_sweep_comparison(r: dict, path: Path) -> Path | None:
     """Each trial's paired AUC difference to its reference along the first numeric key, a line per
-    setting of the others, bars its 95 % interval (mean over seeds), each seed a faint dot."""
+    setting of the others, bars the seeds' mean with its 95 % interval, each seed a faint dot."""
     drawn = comparison_lines(r)
     if not drawn:
         return None

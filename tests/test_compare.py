@@ -8,7 +8,7 @@ import pytest
 from fedsim.cli import main
 from fedsim.compare import compare_by_client, compare_runs, paired_vs_baselines
 from fedsim.metrics import auc
-from fedsim.report import summary_table
+from fedsim.report import fmt_signed, summary_table
 from fedsim.simulation import write_predictions
 
 N = 600
@@ -206,11 +206,17 @@ def test_compare_sweep_pairs_each_trial_with_its_reference_of_the_same_seed(tmp_
     assert by[0, "bad"]["verdict"] == "reference better" and by[1, "bad"]["status"] == "not finished"
     arms = {a["arm"]["arm"]: a for a in r["arms"]}
     assert arms["good"]["seeds"] == [0, 1] and arms["good"]["better"] == 2 and arms["bad"]["worse"] == 1
+    # the arm's mean over its seeds, with an interval of its own on the rows both seeds scored
+    mean = arms["good"]["mean"]
+    assert mean["diff"] == pytest.approx(np.mean(arms["good"]["diffs"])) and mean["rows"] == N and mean["seeds"] == 2
+    assert 0 < mean["low"] < mean["diff"] < mean["high"] and "mean" not in arms["bad"]  # one seed finished
 
     assert main(["compare", str(sweep), "--against", "arm=plain", "--boot", "300"]) == 0
     out = capsys.readouterr().out
     assert "| good | 0 |" in out and "trial better" in out and "not finished" in out
     assert "arm = good: − (arm = plain) in seeds [0, 1]" in out and "better in 2 of 2" in out
+    assert (f"(mean {fmt_signed(mean['diff'])} [{fmt_signed(mean['low'])}, {fmt_signed(mean['high'])}] over the "
+            f"{N} rows the seeds scored, trial better)") in out
     # kept beside the sweep and on its MLflow parent run
     assert (sweep / "compare_arm=plain.md").read_text().strip() in out
     assert json.loads((sweep / "compare_arm=plain.json").read_text())["against"] == {"arm": "plain"}
@@ -258,6 +264,9 @@ def test_a_sweep_over_client_counts_plots_each_partitions_gap_to_centralized_alo
         mine = [t for t in trials if t["params"]["partition.method"] == method and t["params"]["clients.num"] == 16]
         assert pts[16]["seeds"] == [by[t["trial"]]["diff"]["diff"] for t in mine]
         assert pts[16]["diff"] == pytest.approx(np.mean(pts[16]["seeds"])) and pts[16]["high"] < 0 < pts[4]["low"]
+        # the bars: the seeds' mean with its own interval (rows resampled once for both seeds)
+        arm = next(a for a in r["arms"] if a["arm"] == {"clients.num": 16, "train.local_steps": 2, "partition.method": method})
+        assert (pts[16]["low"], pts[16]["high"]) == (arm["mean"]["low"], arm["mean"]["high"])
     written = save_sweep_comparison(r, "table")
     png = sweep / "compare_clients.num=1,train.local_steps=32.png"
     assert png in written and png.stat().st_size > 10_000

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from fedsim.metrics import accuracy, auc, auc_ci, delong_diff_se, logloss, paired_auc_diff
+from fedsim.metrics import accuracy, auc, auc_ci, delong_diff_se, logloss, paired_auc_diff, paired_auc_diff_mean
 
 
 def brute_force_auc(labels, scores):
@@ -109,6 +109,36 @@ def test_paired_diff_detects_a_clearly_better_scorer():
     assert d["diff"] > 0 and d["low"] > 0 and d["p_value"] < 0.01
     flipped = paired_auc_diff(labels, worse, good)
     assert flipped["high"] < 0 and flipped["diff"] == -d["diff"]
+
+
+def test_the_mean_over_seeds_of_paired_diffs_resamples_the_rows_the_seeds_scored():
+    """One seed: paired_auc_diff's figures. Three seeds on the same rows: the mean of their
+    differences, with a narrower interval than one seed's (the seeds' own noise averages out).
+    Seeds on rows of their own: independent samples, so the interval narrows as ~1/sqrt(seeds)."""
+    rows = np.arange(600)
+    labels, good = binormal(600, 0.8, 0)
+    rng = np.random.default_rng(3)
+    worse = [good + rng.normal(scale=1.0, size=600) for _ in range(3)]  # three seeds of the worse arm
+    better = [good + rng.normal(scale=0.3, size=600) for _ in range(3)]
+    one = paired_auc_diff(labels, better[0], worse[0], seed=5)
+    d = paired_auc_diff_mean([(rows, labels, better[0], worse[0])], seed=5)
+    assert (d["diff"], d["low"], d["high"]) == pytest.approx((one["diff"], one["low"], one["high"]), abs=1e-12)
+    d = paired_auc_diff_mean([(rows, labels, b, w) for b, w in zip(better, worse)], seed=5)
+    each = [paired_auc_diff(labels, b, w, seed=5) for b, w in zip(better, worse)]
+    assert d["diff"] == pytest.approx(np.mean([e["diff"] for e in each])) and d["seeds"] == 3 and d["rows"] == 600
+    assert 0 < d["low"] < d["diff"] < d["high"] and d["high"] - d["low"] < min(e["high"] - e["low"] for e in each)
+
+    # four seeds, each on 600 rows of its own (names apart): the width of one over ~sqrt(4)
+    own = []
+    for s in range(4):
+        y, g = binormal(600, 0.8, 10 + s)
+        w = g + np.random.default_rng(20 + s).normal(scale=1.0, size=600)
+        own.append((np.arange(600) + 1000 * s, y, g, w))
+    apart = paired_auc_diff_mean(own, seed=5)
+    single = np.mean([np.subtract(*(lambda e: (e["high"], e["low"]))(paired_auc_diff(y, g, w, seed=5))) for _, y, g, w in own])
+    assert apart["rows"] == 2400 and (apart["high"] - apart["low"]) == pytest.approx(single / 2, rel=0.2)
+    with pytest.raises(ValueError, match=r"per seed \(row ids, labels, scores a, scores b\), one of each per row"):
+        paired_auc_diff_mean([(rows, labels, better[0], worse[0][:-1])])
 
 
 def test_paired_interval_is_narrower_than_unpaired_for_correlated_scorers():
