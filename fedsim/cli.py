@@ -59,6 +59,8 @@ def cmd_tune(a) -> int:
 
     if a.resume and a.set:
         return _err("--resume continues a sweep with its saved trials; drop --set")
+    if not a.sweep and not isinstance(a.resume, str):  # a sweep directory holds its sweep (sweep.json)
+        return _err("give a sweep YAML (e.g. tuning/ci_small.yaml), or --resume SWEEP_DIR to continue a sweep")
     summary = run_sweep(a.sweep, a.set, a.tracking_uri, resume=a.resume)
     if a.summary_json:
         Path(a.summary_json).write_text(json.dumps(summary, indent=1, default=float))
@@ -196,10 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     u.set_defaults(fn=cmd_unlearn)
 
     t = sub.add_parser("tune", help="run (or resume) a sweep of simulations under Ray Tune")
-    t.add_argument("sweep", help="sweep YAML (see tuning/)")
+    t.add_argument("sweep", nargs="?", help="sweep YAML (see tuning/); not needed with --resume SWEEP_DIR")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a base config key")
     t.add_argument("--resume", nargs="?", const=True, metavar="SWEEP_DIR",
-                   help="continue an interrupted sweep (default: this sweep's latest directory)")
+                   help="continue an interrupted sweep: SWEEP_DIR, or the sweep YAML's latest directory")
     t.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///./mlflow.db)")
     t.add_argument("--summary-json", metavar="PATH", help="also write the results here")
     t.set_defaults(fn=cmd_tune)

@@ -65,6 +65,15 @@ def test_cli_reports_a_bad_sweep_before_starting_anything(tmp_path, capsys):
     assert "unknown config key 'train.lrr' (did you mean 'train.lr'?)" in err and str(path) in err
 
 
+def test_cli_resume_takes_a_sweep_directory_alone_and_names_what_is_missing(tmp_path, capsys):
+    # `fedsim tune --resume SWEEP_DIR` needs no sweep YAML: the directory's sweep.json holds the sweep.
+    assert main(["tune", "--resume", str(tmp_path)]) == 2
+    assert f"--resume {tmp_path}: no sweep.json there; is it a fedsim sweep directory?" in capsys.readouterr().err
+    for argv in (["tune"], ["tune", "--resume"]):  # neither a sweep nor a directory: nothing to go on
+        assert main(argv) == 2
+        assert "give a sweep YAML (e.g. tuning/ci_small.yaml), or --resume SWEEP_DIR" in capsys.readouterr().err
+
+
 def test_grid_random_and_seeds_expand_into_validated_trials(tmp_path):
     path = write_sweep(tmp_path, grid={"privacy.client_dp.epsilon": [1, "inf"], "clients.num": [2, 3]},
                        random={"num_samples": 2, "seed": 3,
