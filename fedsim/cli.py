@@ -113,6 +113,8 @@ def cmd_compare(a) -> int:
 
     if a.plot and not a.by_client:
         raise ValueError("--plot draws the per-client comparison: add --by-client")
+    if a.audit and (a.by_client or a.against or a.run_b is None):
+        raise ValueError("--audit compares two runs' membership attacks: fedsim compare RUN_A RUN_B --audit")
     if a.against or a.run_b is None:
         if a.run_b is not None or a.by_client or not a.against:
             raise ValueError("compare a sweep as: fedsim compare SWEEP_DIR --against KEY=VALUE (no RUN_B, no --by-client)")
@@ -128,7 +130,7 @@ def cmd_compare(a) -> int:
         if a.plot:
             print(f"plot: {plot_client_comparisons([result], a.plot)}")
     else:
-        result = compare_runs(a.run_a, a.run_b, seed=a.seed, n_boot=a.boot)
+        result = compare_runs(a.run_a, a.run_b, seed=a.seed, n_boot=a.boot, audit=a.audit)
         print(format_comparison(result))
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=1, default=float))
@@ -244,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--by-client", action="store_true",
                    help="fairness: each client's AUC, and the mean, worst client and gap, paired within clients")
     c.add_argument("--plot", metavar="PNG", help="with --by-client: each client's AUC under A and B, as a picture")
+    c.add_argument("--audit", action="store_true",
+                   help="compare the membership attacks (privacy.audit) on the rows both runs audited, paired")
     c.add_argument("--json", metavar="PATH", help="also write the comparison here")
     c.set_defaults(fn=cmd_compare)
 

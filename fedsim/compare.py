@@ -54,9 +54,25 @@ def load_predictions(run: str | Path) -> pd.DataFrame:
     return pd.read_parquet(path)
 
 
-def _shared_rows(a: str, b: str) -> tuple[pd.DataFrame, int, int]:
-    """(label, a, b, client[, client_b]) on the rows both sides scored, and how many rows each side has."""
-    pa = load_predictions(a)
+def load_audit(run: str | Path) -> pd.DataFrame:
+    """A run's membership audit (audit.parquet) as predictions: label 1 for a member, 0 for a held-out
+    row, and the attack's score -loss as prob, so the attack's AUC compares as a model's does."""
+    run = Path(run)
+    path = run / "audit.parquet"
+    if not path.exists():
+        raise FileNotFoundError(f"run {run} has no audit.parquet: privacy.audit was off, the run did not finish, "
+                                f"or it ran before fedsim saved the audit's rows")
+    df = pd.read_parquet(path)
+    return df.assign(label=df["member"], prob=-df["loss"])
+
+
+def _shared_rows(a: str, b: str, audit: bool = False) -> tuple[pd.DataFrame, int, int]:
+    """(label, a, b, client[, client_b]) on the rows both sides scored, and how many rows each side
+    has; `audit`: the rows both runs' membership audits scored (label: member)."""
+    if audit and b.startswith(BASELINE):
+        raise ValueError("--audit compares two runs' membership attacks; a baseline has none")
+    load = load_audit if audit else load_predictions
+    pa = load(a)
     if b.startswith(BASELINE):
         col = "baseline/" + b[len(BASELINE):]
         if col not in pa.columns:
@@ -64,13 +80,17 @@ def _shared_rows(a: str, b: str) -> tuple[pd.DataFrame, int, int]:
             raise ValueError(f"run {a} has no scores for {b} (baselines in its predictions.parquet: {have})")
         rows = pa[["label", "prob", col, "client"]].dropna().set_axis(["label", "a", "b", "client"], axis=1)
         return rows, len(pa), int(pa[col].notna().sum())
-    pb = load_predictions(b)
+    pb = load(b)
     cols = KEY + ["label", "prob", "client"]
     joined = pa[cols].merge(pb[cols], on=KEY, suffixes=("_a", "_b"))
     if not len(joined):
         raise ValueError(f"runs {a} and {b} share no evaluated rows (user, item, timestamp): compare runs made "
                          f"on the same data, split and eval.split")
     differ = int((joined["label_a"] != joined["label_b"]).sum())
+    if differ and audit:
+        raise ValueError(f"runs {a} and {b} audit {differ} of their {len(joined)} shared rows on different sides "
+                         f"(member / held out: a different train.seed or privacy.audit.holdout?); their attacks "
+                         f"are not comparable row by row")
     if differ:
         raise ValueError(f"runs {a} and {b} label {differ} of their {len(joined)} shared rows differently "
                          f"(a different data.like_threshold?); their AUCs are not comparable")
@@ -78,13 +98,14 @@ def _shared_rows(a: str, b: str) -> tuple[pd.DataFrame, int, int]:
     return rows.set_axis(KEY + ["label", "a", "b", "client", "client_b"], axis=1), len(pa), len(pb)
 
 
-def compare_runs(a: str | Path, b: str | Path, seed: int = 0, n_boot: int = 1000) -> dict:
+def compare_runs(a: str | Path, b: str | Path, seed: int = 0, n_boot: int = 1000, audit: bool = False) -> dict:
     """AUC of run A and of run B (or `baseline:<name>`: that baseline's scores in A's predictions)
     with 95 % intervals on their shared rows, and the paired difference A - B with its interval,
     DeLong p-value and verdict: "A better" / "B better" when the interval excludes 0, else
-    "within noise"."""
+    "within noise". `audit`: the membership attack's AUC instead (privacy.audit; members against
+    held-out rows, scored by -loss), on the rows both runs audited; "better" is the run that leaks more."""
     a, b = str(a), str(b)
-    rows, rows_a, rows_b = _shared_rows(a, b)
+    rows, rows_a, rows_b = _shared_rows(a, b, audit)
     y, sa, sb = rows["label"].to_numpy(), rows["a"].to_numpy(), rows["b"].to_numpy()
     d = paired_auc_diff(y, sa, sb, seed=seed, n_boot=n_boot)
 
@@ -94,15 +115,18 @@ def compare_runs(a: str | Path, b: str | Path, seed: int = 0, n_boot: int = 1000
 
     return {"a": side(a, sa), "b": side(b, sb), "rows": len(rows), "rows_a": rows_a, "rows_b": rows_b,
             "positives": int(np.sum(y)), **{k: d[k] for k in ("diff", "low", "high", "se", "p_value")},
-            "verdict": verdict(d, "A", "B"), "seed": seed, "n_boot": n_boot}
+            # the attack's AUC: the "better" side is the one that leaks more
+            "verdict": verdict(d, "A", "B").replace("better", "leaks more") if audit else verdict(d, "A", "B"),
+            "seed": seed, "n_boot": n_boot, "audit": audit}
 
 
 def format_comparison(r: dict) -> str:
-    lines = [f"{side}: {r[k]['run']}\n   AUC {fmt_interval(r[k]['auc'], r[k]['low'], r[k]['high'])}"
+    what = "membership-attack AUC" if r.get("audit") else "AUC"
+    lines = [f"{side}: {r[k]['run']}\n   {what} {fmt_interval(r[k]['auc'], r[k]['low'], r[k]['high'])}"
              for side, k in (("A", "a"), ("B", "b"))]
-    lines.append(f"A − B: {fmt_diff(r)} ({r['positives']} positives; "
+    lines.append(f"A − B: {fmt_diff(r)} ({r['positives']} {'members' if r.get('audit') else 'positives'}; "
                  f"A has {r['rows_a']} rows, B {r['rows_b']}); DeLong p = {r['p_value']:.3g}")
-    why = ("the interval excludes 0" if r["verdict"].endswith("better") else
+    why = ("the interval excludes 0" if r["verdict"].endswith(("better", "more")) else
            "the interval includes 0" if r["verdict"] == "within noise" else "no interval")
     lines.append(f"verdict: {r['verdict']} ({why}; 95 %, {r['n_boot']} paired bootstrap resamples, seed {r['seed']})")
     return "\n".join(lines)

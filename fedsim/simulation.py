@@ -223,6 +223,21 @@ def write_predictions(run_dir: Path, results: list[dict]) -> Path:
     return path
 
 
+def write_audit(run_dir: Path, done: list) -> Path:
+    """<run_dir>/audit.parquet: the membership audit's rows, keyed by (user, item, timestamp), with
+    the client, member (1: trained on, 0: held out) and the final model's loss (the attack scores
+    -loss), so two runs' attacks compare as a paired difference (`fedsim compare --audit`)."""
+    df = pd.DataFrame([{**dict(zip(KEY, key)), "client": c, "member": member, "loss": float(loss)}
+                       for c, r, _ in done for name, member in (("member", 1), ("nonmember", 0))
+                       for *key, loss in zip(*(r[f"{name}_rows"][k] for k in KEY), r[name])],
+                      columns=[*KEY, "client", "member", "loss"])
+    path = run_dir / "audit.parquet"
+    tmp = path.with_suffix(".tmp")
+    df.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+    return path
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
 
@@ -522,6 +537,7 @@ class Simulation:
         pending = {self.executor_for(c).membership.remote(c, refs[c], n): (c, None) for c in clients}
         done, _ = self._collect(pending, round, "audit", progress)
         out, member, other = {}, [], []
+        write_audit(self.run_dir, done)
         for c, r, _ in done:
             if len(r["member"]) and len(r["nonmember"]):
                 out[f"client/{c}/mia_auc"] = auc(np.r_[np.ones(len(r["member"])), np.zeros(len(r["nonmember"]))],
@@ -686,9 +702,10 @@ class Simulation:
                                        self.run_dir / "routing_entropy.png", "routing entropy (nats)",
                                        ("uniform mix", float(np.log(max(cfg.model.personal.bank, 1)))))
             extra = ray.get(self.aggregator.write_artifacts.remote(str(self.run_dir)))
+            audit = self.run_dir / "audit.parquet"
             for path in (self.run_dir / "config.yaml", self.run_dir / "partition.csv",
                          self.run_dir / "summary.json", plot, curve, entropy, preds if preds.exists() else None,
-                         *map(Path, extra)):
+                         audit if audit.exists() else None, *map(Path, extra)):
                 if path:
                     self.tracker.log_artifact(path)
             self.tracker.log_artifact(self.run_dir / "adapter", "adapter")

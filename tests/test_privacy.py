@@ -528,7 +528,11 @@ def test_unreachable_target_fails_in_the_cli_before_any_actor(tmp_path, capsys):
     assert "privacy.client_dp.epsilon: 0.0001 cannot be reached" in err and "Traceback" not in err
 
 
-def test_membership_audit_sees_memorisation_and_not_an_untrained_model(ray_local, tiny_cfg):
+def test_membership_audit_sees_memorisation_and_not_an_untrained_model(ray_local, tiny_cfg, tmp_path, capsys):
+    import pandas as pd
+
+    from fedsim.cli import main
+    from fedsim.compare import compare_runs
     from fedsim.simulation import run
 
     # Eight rows per client (and eight held out as non-members), 8 rounds of 40 steps: the averaged
@@ -550,6 +554,31 @@ def test_membership_audit_sees_memorisation_and_not_an_untrained_model(ray_local
     u = untrained["final"]["privacy/mia_auc"]
     print(f"membership-inference AUC: memorised {f['privacy/mia_auc']:.3f}, untrained {u:.3f}")
     assert abs(u - 0.5) < 0.12 and f["privacy/mia_auc"] > u + 0.1
+
+    # The audit's rows are kept (audit.parquet), so two runs' attacks compare as a paired difference:
+    # the memorising run against the same members and held-out rows after one round of the same training.
+    early = run(tiny_cfg("privacy.audit.enabled=true", "data.max_train_per_client=16", "privacy.audit.holdout=0.5",
+                         "train.local_steps=40", "train.lr=0.01", "train.batch_size=8", "train.rounds=1",
+                         "tracking.enabled=false", "name=early"), log=lambda *a: None)
+    audit = pd.read_parquet(Path(memorised["run_dir"]) / "audit.parquet")
+    assert list(audit.columns) == ["user", "item", "timestamp", "client", "member", "loss"]
+    assert audit.groupby("member")["loss"].mean().to_dict() == pytest.approx(
+        {1: f["privacy/member_loss"], 0: f["privacy/nonmember_loss"]})
+    d = compare_runs(memorised["run_dir"], early["run_dir"], audit=True)
+    assert d["rows"] == len(audit) and d["positives"] == audit["member"].sum()
+    # the same rows as each run's own audit: its AUC is the logged one, the difference theirs
+    assert d["a"]["auc"] == pytest.approx(f["privacy/mia_auc"], abs=1e-12)
+    assert d["diff"] == pytest.approx(f["privacy/mia_auc"] - early["final"]["privacy/mia_auc"], abs=1e-12)
+    print(f"attack after 8 rounds − after 1: {d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] ({d['verdict']})")
+    assert d["low"] < d["diff"] < d["high"] and d["verdict"] in ("A leaks more", "within noise", "B leaks more")
+    with pytest.raises(ValueError, match="--audit compares two runs' membership attacks; a baseline has none"):
+        compare_runs(memorised["run_dir"], "baseline:popularity", audit=True)
+    with pytest.raises(FileNotFoundError, match="has no audit.parquet: privacy.audit was off"):
+        compare_runs(memorised["run_dir"], tmp_path, audit=True)
+    capsys.readouterr()
+    assert main(["compare", memorised["run_dir"], early["run_dir"], "--audit"]) == 0
+    out = capsys.readouterr().out
+    assert f"membership-attack AUC {f['privacy/mia_auc']:.4f}" in out and f"({d['positives']} members;" in out
 
 
 def test_audit_holdout_rows_are_never_trained_on_and_are_the_non_members(prepare_run, tmp_path):

@@ -248,7 +248,8 @@ class ClientExecutor:
     @torch.no_grad()
     def membership(self, client: int, params, max_rows: int) -> dict:
         """Per-row losses of the final model on rows the client trained on (members) and on held-out
-        rows of the same users (non-members), for a loss-threshold membership-inference attack.
+        rows of the same users (non-members), for a loss-threshold membership-inference attack, with
+        the rows' keys (`member_rows`, `nonmember_rows`: user, item, timestamp).
 
         Non-members are the client's train-split rows it never trained on, from the members' users:
         the same users and the same time span as the members, so a model that learned nothing scores
@@ -276,6 +277,8 @@ class ClientExecutor:
                 labels = torch.tensor(part["label"].to_numpy(), device=logits.device)
                 losses.append(preference_loss(logits, labels, reduction="none").cpu().numpy())
             out[name] = np.concatenate(losses) if losses else np.zeros(0)
+            # which rows: audit.parquet keys them, so two runs' attacks compare row by row (paired)
+            out[f"{name}_rows"] = {k: df[k].to_numpy() for k in ("user", "item", "timestamp")}
         return out
 
     def export(self, params) -> tuple[dict, dict]:
