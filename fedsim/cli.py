@@ -113,14 +113,14 @@ def cmd_compare(a) -> int:
 
     if a.plot and not a.by_client:
         raise ValueError("--plot draws the per-client comparison: add --by-client")
-    if a.audit and (a.by_client or a.against or a.run_b is None):
-        raise ValueError("--audit compares two runs' membership attacks: fedsim compare RUN_A RUN_B --audit")
+    if a.audit and a.by_client:
+        raise ValueError("--audit compares the pooled membership attacks; drop --by-client")
     if a.against or a.run_b is None:
         if a.run_b is not None or a.by_client or not a.against:
             raise ValueError("compare a sweep as: fedsim compare SWEEP_DIR --against KEY=VALUE (no RUN_B, no --by-client)")
         from fedsim.compare import compare_sweep, format_sweep_comparison, save_sweep_comparison
 
-        result = compare_sweep(a.run_a, a.against, seed=a.seed, n_boot=a.boot)
+        result = compare_sweep(a.run_a, a.against, seed=a.seed, n_boot=a.boot, audit=a.audit)
         text = format_sweep_comparison(result)
         print(text)
         print("written: " + ", ".join(str(p) for p in save_sweep_comparison(result, text)))
@@ -247,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fairness: each client's AUC, and the mean, worst client and gap, paired within clients")
     c.add_argument("--plot", metavar="PNG", help="with --by-client: each client's AUC under A and B, as a picture")
     c.add_argument("--audit", action="store_true",
-                   help="compare the membership attacks (privacy.audit) on the rows both runs audited, paired")
+                   help="compare the membership attacks (privacy.audit) on the rows both runs audited, paired "
+                        "(two runs, or a sweep's trials with --against)")
     c.add_argument("--json", metavar="PATH", help="also write the comparison here")
     c.set_defaults(fn=cmd_compare)
 

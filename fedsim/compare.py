@@ -115,9 +115,12 @@ def compare_runs(a: str | Path, b: str | Path, seed: int = 0, n_boot: int = 1000
 
     return {"a": side(a, sa), "b": side(b, sb), "rows": len(rows), "rows_a": rows_a, "rows_b": rows_b,
             "positives": int(np.sum(y)), **{k: d[k] for k in ("diff", "low", "high", "se", "p_value")},
-            # the attack's AUC: the "better" side is the one that leaks more
-            "verdict": verdict(d, "A", "B").replace("better", "leaks more") if audit else verdict(d, "A", "B"),
-            "seed": seed, "n_boot": n_boot, "audit": audit}
+            "verdict": _verdict(d, "A", "B", audit), "seed": seed, "n_boot": n_boot, "audit": audit}
+
+
+def _verdict(d: dict, a: str, b: str, audit: bool) -> str:
+    """`verdict`; of two attacks (`audit`) the "better" side is the one that leaks more."""
+    return verdict(d, a, b).replace("better", "leaks more") if audit else verdict(d, a, b)
 
 
 def format_comparison(r: dict) -> str:
@@ -216,11 +219,12 @@ def _same(a, b) -> bool:
         return str(a) == str(b)
 
 
-def compare_sweep(sweep_dir: str | Path, against: str, seed: int = 0, n_boot: int = 1000) -> dict:
+def compare_sweep(sweep_dir: str | Path, against: str, seed: int = 0, n_boot: int = 1000, audit: bool = False) -> dict:
     """Each trial of a sweep against its reference: the trial with the same settings (the seed
     included, so the pair shares its data, partition and rows) but `against` ("KEY=VALUE"), as
     `compare_runs` does for two runs. Then, per arm (the settings but the seed), the paired
-    differences of its seeds and how many exclude 0 either way."""
+    differences of its seeds and how many exclude 0 either way. `audit`: the membership attacks'
+    AUCs (audit.parquet) instead of test AUC."""
     sweep_dir = Path(sweep_dir)
     path = sweep_dir / "sweep.json"
     if not path.exists():
@@ -235,6 +239,7 @@ def compare_sweep(sweep_dir: str | Path, against: str, seed: int = 0, n_boot: in
                              f"sweep's keys {sweep['keys']}")
         wanted[key] = value
     trials = sweep["trials"]
+    scores = "audit.parquet" if audit else "predictions.parquet"
     is_ref = lambda t: all(_same(t["params"].get(k), v) for k, v in wanted.items())  # noqa: E731
     for key, value in wanted.items():
         if not any(_same(t["params"].get(key), value) for t in trials):
@@ -250,10 +255,10 @@ def compare_sweep(sweep_dir: str | Path, against: str, seed: int = 0, n_boot: in
         row = {"trial": t["trial"], "params": p, "seed": trial_seed, "run_dir": t["run_dir"],
                "reference": ref and ref["trial"]}
         rows.append(row)
-        if not (Path(t["run_dir"]) / "predictions.parquet").exists():
+        if not (Path(t["run_dir"]) / scores).exists():
             row["status"] = "not finished"
             continue
-        preds = load_predictions(t["run_dir"])
+        preds = (load_audit if audit else load_predictions)(t["run_dir"])
         y, s = preds["label"].to_numpy(), preds["prob"].to_numpy()
         low, high = auc_ci(y, s, seed=seed, n_boot=n_boot)
         row["a"] = {"auc": auc(y, s), "low": low, "high": high}
@@ -261,16 +266,16 @@ def compare_sweep(sweep_dir: str | Path, against: str, seed: int = 0, n_boot: in
             row["status"] = f"no trial with {label} and the same other settings"
         elif ref["trial"] == t["trial"]:
             row["status"] = "reference"
-        elif not (Path(ref["run_dir"]) / "predictions.parquet").exists():
+        elif not (Path(ref["run_dir"]) / scores).exists():
             row["status"] = f"its reference (trial {ref['trial']}) has not finished"
         else:
             try:
-                r = compare_runs(t["run_dir"], ref["run_dir"], seed=seed, n_boot=n_boot)
+                r = compare_runs(t["run_dir"], ref["run_dir"], seed=seed, n_boot=n_boot, audit=audit)
             except ValueError as e:  # no shared rows, or labelled differently: say so in its row
                 row["status"] = str(e)
                 continue
             d = {k: r[k] for k in ("diff", "low", "high", "p_value")}
-            row.update(status="compared", rows=r["rows"], diff=d, verdict=verdict(d, "trial", "reference"),
+            row.update(status="compared", rows=r["rows"], diff=d, verdict=_verdict(d, "trial", "reference", audit),
                        reference_dir=ref["run_dir"])
     arms = {}  # an arm: a trial's settings but the seed
     for row in rows:
@@ -279,10 +284,10 @@ def compare_sweep(sweep_dir: str | Path, against: str, seed: int = 0, n_boot: in
     summary = [{"arm": dict(arm), "seeds": [r["seed"] for r in rs],
                 "diffs": [r["diff"]["diff"] for r in rs],
                 "better": sum(r["diff"]["low"] > 0 for r in rs), "worse": sum(r["diff"]["high"] < 0 for r in rs),
-                **({"mean": _mean_over_seeds(rs, seed, n_boot)} if len(rs) > 1 else {})}
+                **({"mean": _mean_over_seeds(rs, seed, n_boot, audit)} if len(rs) > 1 else {})}
                for arm, rs in arms.items()]
     return {"sweep": str(sweep_dir), "name": sweep["name"], "keys": sweep["keys"], "against": wanted,
-            "trials": rows, "arms": summary, "seed": seed, "n_boot": n_boot}
+            "trials": rows, "arms": summary, "seed": seed, "n_boot": n_boot, "audit": audit}
 
 
 def _arm_of(row: dict, keys: list[str]) -> tuple:
@@ -290,12 +295,12 @@ def _arm_of(row: dict, keys: list[str]) -> tuple:
     return tuple((k, row["params"].get(k)) for k in keys if k != "train.seed")
 
 
-def _mean_over_seeds(rows: list[dict], seed: int, n_boot: int) -> dict:
+def _mean_over_seeds(rows: list[dict], seed: int, n_boot: int, audit: bool = False) -> dict:
     """An arm's paired difference averaged over its seeds, with `paired_auc_diff_mean`'s interval
     (a row is named by its (user, item, timestamp): seeds that scored the same row draw it together)."""
     pairs = []
     for row in rows:
-        both = _shared_rows(row["run_dir"], row["reference_dir"])[0]
+        both = _shared_rows(row["run_dir"], row["reference_dir"], audit)[0]
         ids = both[KEY].astype(str).agg("|".join, axis=1).to_numpy()
         pairs.append((ids, both["label"].to_numpy(), both["a"].to_numpy(), both["b"].to_numpy()))
     return paired_auc_diff_mean(pairs, seed=seed, n_boot=n_boot)
@@ -306,9 +311,11 @@ def format_sweep_comparison(r: dict) -> str:
     reference with interval and verdict), then a line per arm over its seeds."""
     label = ", ".join(f"{k} = {v}" for k, v in r["against"].items())
     keys = r["keys"]
-    lines = [f"sweep {r['name']}: every trial against its {label} trial of the same settings and seed "
-             f"(paired over the rows both scored; 95 % intervals, {r['n_boot']} bootstrap resamples)", "",
-             "| " + " | ".join(keys) + f" | AUC | − ({label}) | verdict |",
+    audit = r.get("audit")
+    head = f"every trial's membership attack against its {label} trial's" if audit else f"every trial against its {label} trial"
+    lines = [f"sweep {r['name']}: {head} of the same settings and seed (paired over the rows both "
+             f"{'audited' if audit else 'scored'}; 95 % intervals, {r['n_boot']} bootstrap resamples)", "",
+             "| " + " | ".join(keys) + f" | {'attack AUC' if audit else 'AUC'} | − ({label}) | verdict |",
              "|" + "---|" * (len(keys) + 3)]
     for row in r["trials"]:
         a = row.get("a")
@@ -320,19 +327,20 @@ def format_sweep_comparison(r: dict) -> str:
     for arm in r["arms"]:
         name = ", ".join(f"{k} = {v}" for k, v in arm["arm"].items()) or "all"
         n = len(arm["seeds"])
+        up, down = ("leaks more", "less") if audit else ("better", "worse")
         lines.append(f"\n{name}: − ({label}) in seeds {arm['seeds']}: "
                      + ", ".join(fmt_signed(d) for d in arm["diffs"])
-                     + f" (mean {_fmt_mean(arm, float(np.mean(arm['diffs'])))}); better in {arm['better']} of {n}, "
-                       f"worse in {arm['worse']}, within noise in {n - arm['better'] - arm['worse']}")
+                     + f" (mean {_fmt_mean(arm, float(np.mean(arm['diffs'])), audit)}); {up} in {arm['better']} of {n}, "
+                       f"{down} in {arm['worse']}, within noise in {n - arm['better'] - arm['worse']}")
     return "\n".join(lines)
 
 
-def _fmt_mean(arm: dict, plain: float) -> str:
+def _fmt_mean(arm: dict, plain: float, audit: bool = False) -> str:
     m = arm.get("mean")
     if not m or m["diff"] != m["diff"]:
         return fmt_signed(plain)
     return (f"{fmt_signed(m['diff'])} [{fmt_signed(m['low'])}, {fmt_signed(m['high'])}] over the {m['rows']} rows "
-            f"the seeds scored, {verdict(m, 'trial', 'reference')}")
+            f"the seeds {'audited' if audit else 'scored'}, {_verdict(m, 'trial', 'reference', audit)}")
 
 
 def _number(v) -> float | None:
@@ -400,7 +408,7 @@ def plot_sweep_comparison(r: dict, path: Path) -> Path | None:
     ax.set_xticks(xs, [f"{x:g}" for x in xs])
     ax.minorticks_off()
     seeds = sorted({t["seed"] for t in r["trials"]} - {None})
-    ax.set(xlabel=drawn["x"], ylabel="AUC − reference, paired (bars: 95 % CI)",
+    ax.set(xlabel=drawn["x"], ylabel=f"{'attack AUC' if r.get('audit') else 'AUC'} − reference, paired (bars: 95 % CI)",
            title=f"{r['name']}: each trial against its reference (seed{'s' * (len(seeds) > 1)} "
                  f"{', '.join(map(str, seeds))})")
     ax.legend(fontsize=8)
@@ -411,7 +419,7 @@ def write_sweep_comparison(r: dict, text: str) -> list[Path]:
     """The comparison in the sweep directory: `compare_<KEY>=<VALUE>.md` (the table), `.json`, and
     `.png` where a numeric key varies (the differences along it)."""
     sweep_dir = Path(r["sweep"])
-    stem = "compare_" + ",".join(f"{k}={v}" for k, v in r["against"].items())
+    stem = "compare_" + ",".join(f"{k}={v}" for k, v in r["against"].items()) + ("_audit" if r.get("audit") else "")
     md, js = sweep_dir / f"{stem}.md", sweep_dir / f"{stem}.json"
     md.write_text(text + "\n")
     js.write_text(json.dumps(r, indent=1, default=float))

@@ -1,5 +1,6 @@
 """`fedsim compare` and the per-row prediction files it reads, on hand-made run directories."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -10,6 +11,7 @@ from fedsim.compare import compare_by_client, compare_runs, paired_vs_baselines
 from fedsim.metrics import auc
 from fedsim.report import fmt_signed, summary_table
 from fedsim.simulation import write_predictions
+from fedsim.tuning.report import compared
 
 N = 600
 
@@ -233,6 +235,28 @@ def test_compare_sweep_pairs_each_trial_with_its_reference_of_the_same_seed(tmp_
     assert "no trial has arm = huge (its values: ['bad', 'good', 'plain'])" in capsys.readouterr().err
     assert main(["compare", str(tmp_path), "--against", "arm=plain"]) == 2
     assert "is not a sweep directory (no sweep.json" in capsys.readouterr().err
+
+    # The membership attacks the same way (--audit, audit.parquet): here each trial's attack scores
+    # (-loss) are its test scores with label as member, so the attacks' differences are the test AUC's.
+    for t in trials:
+        preds = Path(t["run_dir"]) / "predictions.parquet"
+        if preds.exists():
+            df = pd.read_parquet(preds)
+            df.assign(member=df["label"], loss=-df["prob"])[["user", "item", "timestamp", "client", "member", "loss"]] \
+                .to_parquet(preds.with_name("audit.parquet"), index=False)
+    (sweep / "runs" / "trial_001" / "audit.parquet").unlink()  # seed 0's "good" did not audit
+    attacks = compare_sweep(sweep, "arm=plain", n_boot=300, audit=True)
+    by_a = {(t["params"]["train.seed"], t["params"]["arm"]): t for t in attacks["trials"]}
+    assert by_a[0, "good"]["status"] == "not finished"
+    plain = {(t["params"]["train.seed"], t["params"]["arm"]): t for t in r["trials"]}  # test AUC, against arm=plain
+    assert by_a[1, "good"]["diff"]["diff"] == pytest.approx(plain[1, "good"]["diff"]["diff"], abs=1e-12)
+    assert by_a[1, "good"]["verdict"] == "trial leaks more" and by_a[0, "bad"]["verdict"] == "reference leaks more"
+    compared(sweep, "arm=plain", parent=type("Parent", (), {"log_artifact": lambda *a: None})(), log=print)
+    out = capsys.readouterr().out
+    assert "every trial's membership attack against its arm = plain trial's" in out and "| attack AUC |" in out
+    assert "arm = good: − (arm = plain) in seeds [1]: " in out and "leaks more in 1 of 1, less in 0" in out
+    assert (sweep / "compare_arm=plain_audit.md").read_text().strip() in out
+    assert (sweep / "compare_arm=plain.md").read_text().strip() in out  # test AUC first, as before
 
 
 def test_a_sweep_over_client_counts_plots_each_partitions_gap_to_centralized_along_the_clients(tmp_path):

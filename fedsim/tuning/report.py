@@ -266,18 +266,24 @@ def plot_unlearning(rows: list[dict], keys: list[str], path: Path) -> Path | Non
 
 def compared(sweep_dir: Path, against: str, parent, log=print) -> None:
     """`fedsim compare SWEEP --against` at the sweep's end: the table on the console, beside the
-    sweep and on the parent run (folder `compare`); a sweep without a finished pair says why."""
+    sweep and on the parent run (folder `compare`), and `--audit`'s where the trials ran the
+    membership audit; a sweep without a finished pair says why."""
     from fedsim.compare import compare_sweep, format_sweep_comparison, write_sweep_comparison
 
-    try:
-        r = compare_sweep(sweep_dir, against)
-    except ValueError as e:
-        log(f"compare --against {against}: {e}")
-        return
-    text = format_sweep_comparison(r)
-    log("\n" + text)
-    for path in write_sweep_comparison(r, text):
-        parent.log_artifact(path, "compare")
+    # test AUC; then, where the trials ran the membership audit, the attacks' AUCs the same way
+    for audit in (False, True):
+        if audit and not any((Path(t["run_dir"]) / "audit.parquet").exists()
+                             for t in json.loads((sweep_dir / "sweep.json").read_text())["trials"]):
+            return
+        try:
+            r = compare_sweep(sweep_dir, against, audit=audit)
+        except ValueError as e:
+            log(f"compare --against {against}: {e}")
+            return
+        text = format_sweep_comparison(r)
+        log("\n" + text)
+        for path in write_sweep_comparison(r, text):
+            parent.log_artifact(path, "compare")
 
 
 def finish(state: dict, rows: list[dict], sweep_dir: Path, parent, log=print) -> dict:
