@@ -312,7 +312,7 @@ def format_sweep_comparison(r: dict) -> str:
     label = ", ".join(f"{k} = {v}" for k, v in r["against"].items())
     keys = r["keys"]
     audit = r.get("audit")
-    head = f"every trial's membership attack against its {label} trial's" if audit else f"every trial against its {label} trial"
+    head = f"every trial's membership attack against that of its {label} trial" if audit else f"every trial against its {label} trial"
     lines = [f"sweep {r['name']}: {head} of the same settings and seed (paired over the rows both "
              f"{'audited' if audit else 'scored'}; 95 % intervals, {r['n_boot']} bootstrap resamples)", "",
              "| " + " | ".join(keys) + f" | {'attack AUC' if audit else 'AUC'} | − ({label}) | verdict |",

@@ -253,7 +253,7 @@ def test_compare_sweep_pairs_each_trial_with_its_reference_of_the_same_seed(tmp_
     assert by_a[1, "good"]["verdict"] == "trial leaks more" and by_a[0, "bad"]["verdict"] == "reference leaks more"
     compared(sweep, "arm=plain", parent=type("Parent", (), {"log_artifact": lambda *a: None})(), log=print)
     out = capsys.readouterr().out
-    assert "every trial's membership attack against its arm = plain trial's" in out and "| attack AUC |" in out
+    assert "every trial's membership attack against that of its arm = plain trial of the same" in out and "| attack AUC |" in out
     assert "arm = good: − (arm = plain) in seeds [1]: " in out and "leaks more in 1 of 1, less in 0" in out
     assert (sweep / "compare_arm=plain_audit.md").read_text().strip() in out
     assert (sweep / "compare_arm=plain.md").read_text().strip() in out  # test AUC first, as before
