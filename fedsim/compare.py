@@ -66,12 +66,17 @@ def load_audit(run: str | Path) -> pd.DataFrame:
     return df.assign(label=df["member"], prob=-df["loss"])
 
 
+def _loader(audit: bool):
+    """What a comparison reads of a run: its attack's rows (`audit`) or its predictions."""
+    return load_audit if audit else load_predictions
+
+
 def _shared_rows(a: str, b: str, audit: bool = False) -> tuple[pd.DataFrame, int, int]:
     """(label, a, b, client[, client_b]) on the rows both sides scored, and how many rows each side
     has; `audit`: the rows both runs' membership audits scored (label: member)."""
     if audit and b.startswith(BASELINE):
         raise ValueError("--audit compares two runs' membership attacks; a baseline has none")
-    load = load_audit if audit else load_predictions
+    load = _loader(audit)
     pa = load(a)
     if b.startswith(BASELINE):
         col = "baseline/" + b[len(BASELINE):]
@@ -258,7 +263,7 @@ def compare_sweep(sweep_dir: str | Path, against: str, seed: int = 0, n_boot: in
         if not (Path(t["run_dir"]) / scores).exists():
             row["status"] = "not finished"
             continue
-        preds = (load_audit if audit else load_predictions)(t["run_dir"])
+        preds = _loader(audit)(t["run_dir"])
         y, s = preds["label"].to_numpy(), preds["prob"].to_numpy()
         low, high = auc_ci(y, s, seed=seed, n_boot=n_boot)
         row["a"] = {"auc": auc(y, s), "low": low, "high": high}
