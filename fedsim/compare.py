@@ -18,6 +18,8 @@ from fedsim.metrics import auc, auc_ci, paired_auc_diff, paired_auc_diff_mean, p
 from fedsim.report import fmt_diff, fmt_interval, fmt_signed, pyplot, save_figure, series, verdict
 
 KEY = ["user", "item", "timestamp"]
+PREDICTIONS = "predictions.parquet"  # in a run directory: every scored row (simulation.write_predictions)
+AUDIT = "audit.parquet"  # in a run directory: the membership audit's rows (simulation.write_audit)
 BASELINE = "baseline:"
 
 
@@ -44,7 +46,7 @@ def load_predictions(run: str | Path) -> pd.DataFrame:
     run = Path(run)
     if not run.is_dir():
         raise FileNotFoundError(f"run {run} does not exist (give a run directory, runs/<name>-<timestamp>)")
-    path = run / "predictions.parquet"
+    path = run / PREDICTIONS
     if not path.exists():
         if _finished(run):
             raise FileNotFoundError(f"run {run} has no predictions.parquet: it finished before fedsim saved "
@@ -58,7 +60,7 @@ def load_audit(run: str | Path) -> pd.DataFrame:
     """A run's membership audit (audit.parquet) as predictions: label 1 for a member, 0 for a held-out
     row, and the attack's score -loss as prob, so the attack's AUC compares as a model's does."""
     run = Path(run)
-    path = run / "audit.parquet"
+    path = run / AUDIT
     if not path.exists():
         raise FileNotFoundError(f"run {run} has no audit.parquet: privacy.audit was off, the run did not finish, "
                                 f"or it ran before fedsim saved the audit's rows")
@@ -244,7 +246,7 @@ def compare_sweep(sweep_dir: str | Path, against: str, seed: int = 0, n_boot: in
                              f"sweep's keys {sweep['keys']}")
         wanted[key] = value
     trials = sweep["trials"]
-    scores = "audit.parquet" if audit else "predictions.parquet"
+    scores = AUDIT if audit else PREDICTIONS
     is_ref = lambda t: all(_same(t["params"].get(k), v) for k, v in wanted.items())  # noqa: E731
     for key, value in wanted.items():
         if not any(_same(t["params"].get(key), value) for t in trials):

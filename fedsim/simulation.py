@@ -27,7 +27,7 @@ from fedsim.core.store import ClientStore
 from fedsim.config import (Config, ConfigError, apply_overrides, clients_per_round, config_from_dict, count_of, flatten,
                            read_yaml_mapping, save_config, to_dict)
 from fedsim.core.files import StateFileError, load_torch, save_torch
-from fedsim.compare import KEY, paired_vs_baselines
+from fedsim.compare import AUDIT, KEY, PREDICTIONS, paired_vs_baselines
 from fedsim.metrics import accuracy, auc, auc_ci, logloss
 from fedsim.postprocessors import describe
 from fedsim.prepare import prepare
@@ -216,11 +216,7 @@ def write_predictions(run_dir: Path, results: list[dict]) -> Path:
         df = df.merge(scores, on=KEY, how="left")
     for name in results[0].get("scores", {}) if results else ():  # the adapter's own (RecLoRA: each client's CRM)
         df[f"baseline/{name}"] = cat_scores(results, name)
-    path = run_dir / "predictions.parquet"
-    tmp = path.with_suffix(".tmp")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
-    return path
+    return _write_parquet(df, run_dir / PREDICTIONS)
 
 
 def write_audit(run_dir: Path, done: list) -> Path:
@@ -231,8 +227,11 @@ def write_audit(run_dir: Path, done: list) -> Path:
                        for c, r, _ in done for name, member in (("member", 1), ("nonmember", 0))
                        for *key, loss in zip(*(r[f"{name}_rows"][k] for k in KEY), r[name])],
                       columns=[*KEY, "client", "member", "loss"])
-    path = run_dir / "audit.parquet"
-    tmp = path.with_suffix(".tmp")
+    return _write_parquet(df, run_dir / AUDIT)
+
+
+def _write_parquet(df: pd.DataFrame, path: Path) -> Path:
+    tmp = path.with_suffix(".tmp")  # renamed over: a run stopped mid-write leaves no half a file
     df.to_parquet(tmp, index=False)
     os.replace(tmp, path)
     return path
@@ -677,7 +676,7 @@ class Simulation:
             for c in range(cfg.clients.num):
                 if f"client/{c}/auc" in evals[-1]:
                     clients_final[str(c)] = {m: evals[-1][f"client/{c}/{m}"] for m in ("auc", "logloss", "accuracy", "rows")}
-        preds = self.run_dir / "predictions.parquet"
+        preds = self.run_dir / PREDICTIONS
         paired = paired_vs_baselines(pd.read_parquet(preds), cfg.train.seed) if done and preds.exists() else {}
         summary = {
             "name": cfg.name, "run_dir": str(self.run_dir), "complete": done,
@@ -702,7 +701,7 @@ class Simulation:
                                        self.run_dir / "routing_entropy.png", "routing entropy (nats)",
                                        ("uniform mix", float(np.log(max(cfg.model.personal.bank, 1)))))
             extra = ray.get(self.aggregator.write_artifacts.remote(str(self.run_dir)))
-            audit = self.run_dir / "audit.parquet"
+            audit = self.run_dir / AUDIT
             for path in (self.run_dir / "config.yaml", self.run_dir / "partition.csv",
                          self.run_dir / "summary.json", plot, curve, entropy, preds if preds.exists() else None,
                          audit if audit.exists() else None, *map(Path, extra)):

@@ -268,11 +268,11 @@ def compared(sweep_dir: Path, against: str, parent, log=print) -> None:
     """`fedsim compare SWEEP --against` at the sweep's end: the table on the console, beside the
     sweep and on the parent run (folder `compare`), and `--audit`'s where the trials ran the
     membership audit; a sweep without a finished pair says why."""
-    from fedsim.compare import compare_sweep, format_sweep_comparison, write_sweep_comparison
+    from fedsim.compare import AUDIT, compare_sweep, format_sweep_comparison, write_sweep_comparison
 
     # test AUC; then, where the trials ran the membership audit, the attacks' AUCs the same way
     for audit in (False, True):
-        if audit and not any((Path(t["run_dir"]) / "audit.parquet").exists()
+        if audit and not any((Path(t["run_dir"]) / AUDIT).exists()
                              for t in json.loads((sweep_dir / "sweep.json").read_text())["trials"]):
             return
         try:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fedsim.compare import paired_vs_baselines
+from fedsim.compare import PREDICTIONS, paired_vs_baselines
 from fedsim.config import Config, flatten, save_config, to_dict
 from fedsim.core.threads import executor_threads, threads
 from fedsim.data.partition import shard_stats, write_shard_files
@@ -246,7 +246,7 @@ class ShardedRun:
             with threads(executor_threads(cfg)):  # every shard has trained: the executors are idle
                 metrics, preds = merge_and_report(cfg, self.run_dir, rows, info["model_path"], log)
             preds = with_baselines(self.run_dir, preds)
-            preds.to_parquet(self.run_dir / "predictions.parquet", index=False)
+            preds.to_parquet(self.run_dir / PREDICTIONS, index=False)
             summary = self._summary(info, shards, metrics, sizes, time.perf_counter() - t_start)
             summary["paired_vs_baselines"] = paired_vs_baselines(preds, cfg.train.seed)
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=float))

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fedsim.compare import PREDICTIONS
 from fedsim.config import ConfigError, flatten, to_dict
 from fedsim.core.threads import executor_threads, threads
 from fedsim.data.partition import shard_stats, write_shard_files
@@ -136,7 +137,7 @@ def unlearn(run_dir: str | Path, users: list[int] | None = None, rows_file: str 
             shutil.rmtree(sub, ignore_errors=True)  # retrained from its initial state
         elif sub.exists():
             write_shard_data(cfg, sub, kept, k, info)  # evaluation rows of deleted users go too
-            _drop_keys(sub / "predictions.parquet", deleted)
+            _drop_keys(sub / PREDICTIONS, deleted)
 
     init_ray(log)
     t_train = time.perf_counter()
@@ -146,7 +147,7 @@ def unlearn(run_dir: str | Path, users: list[int] | None = None, rows_file: str 
     with threads(executor_threads(cfg)):  # the shards have retrained: the executors' cores are idle
         metrics, preds = merge_and_report(cfg, run_dir, kept, info["model_path"], log)
     merge_seconds = time.perf_counter() - t_merge
-    with_baselines(run_dir, preds).to_parquet(run_dir / "predictions.parquet", index=False)
+    with_baselines(run_dir, preds).to_parquet(run_dir / PREDICTIONS, index=False)
     kept_train = kept["split"] == "train"
     hashes_after = {k: data_hash(kept[kept_train & (kept["shard"] == k)]) for k in range(K)}
     original = float(before.get("train_seconds", 0.0))
