@@ -26,7 +26,7 @@ from fedsim.core.placement import executor_group, executor_placement, placement_
 from fedsim.core.store import ClientStore
 from fedsim.config import (Config, ConfigError, apply_overrides, clients_per_round, config_from_dict, count_of, flatten,
                            read_yaml_mapping, save_config, to_dict)
-from fedsim.core.files import StateFileError, load_torch, save_torch
+from fedsim.core.files import StateFileError, load_torch, save_parquet, save_torch
 from fedsim.compare import AUDIT, KEY, PREDICTIONS, paired_vs_baselines
 from fedsim.metrics import accuracy, auc, auc_ci, logloss
 from fedsim.postprocessors import describe
@@ -216,7 +216,7 @@ def write_predictions(run_dir: Path, results: list[dict]) -> Path:
         df = df.merge(scores, on=KEY, how="left")
     for name in results[0].get("scores", {}) if results else ():  # the adapter's own (RecLoRA: each client's CRM)
         df[f"baseline/{name}"] = cat_scores(results, name)
-    return _write_parquet(df, run_dir / PREDICTIONS)
+    return save_parquet(df, run_dir / PREDICTIONS)
 
 
 def write_audit(run_dir: Path, done: list) -> Path:
@@ -227,14 +227,7 @@ def write_audit(run_dir: Path, done: list) -> Path:
                        for c, r, _ in done for name, member in (("member", 1), ("nonmember", 0))
                        for *key, loss in zip(*(r[f"{name}_rows"][k] for k in KEY), r[name])],
                       columns=[*KEY, "client", "member", "loss"])
-    return _write_parquet(df, run_dir / AUDIT)
-
-
-def _write_parquet(df: pd.DataFrame, path: Path) -> Path:
-    tmp = path.with_suffix(".tmp")  # renamed over: a run stopped mid-write leaves no half a file
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
-    return path
+    return save_parquet(df, run_dir / AUDIT)
 
 
 # ---------------------------------------------------------------------------------------------

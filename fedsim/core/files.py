@@ -52,6 +52,12 @@ def save_torch(obj, path: Path) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def save_parquet(df, path: Path) -> Path:
+    """A DataFrame (a run's predictions, audit, shard assignment) written atomically."""
+    atomic_write(path, lambda f: df.to_parquet(f, index=False))
+    return Path(path)
+
+
 def load_torch(path: Path, what: str, fix: str):
     """torch.load of a file we wrote; a truncated or corrupted one is a StateFileError that names
     `what` (e.g. "checkpoint"), the file and `fix` (what the user can do about it)."""

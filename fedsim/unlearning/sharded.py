@@ -25,6 +25,7 @@ import pandas as pd
 
 from fedsim.compare import PREDICTIONS, paired_vs_baselines
 from fedsim.config import Config, flatten, save_config, to_dict
+from fedsim.core.files import save_parquet
 from fedsim.core.threads import executor_threads, threads
 from fedsim.data.partition import shard_stats, write_shard_files
 from fedsim.postprocessors import describe
@@ -234,7 +235,7 @@ class ShardedRun:
             apath.parent.mkdir(parents=True, exist_ok=True)
             with threads(executor_threads(cfg)):  # the executors wait for the partition
                 assignment = build_assignment(cfg, rows, info["model_path"], log)
-            assignment.to_parquet(apath, index=False)
+            save_parquet(assignment, apath)
         rows = with_shard(rows, assignment)
         sizes = np.bincount(assignment["shard"], minlength=cfg.unlearning.shards).tolist()
         log(f"unlearning: {cfg.unlearning.shards} shard(s) ({cfg.unlearning.partition}), train rows per shard {sizes}")
@@ -246,7 +247,7 @@ class ShardedRun:
             with threads(executor_threads(cfg)):  # every shard has trained: the executors are idle
                 metrics, preds = merge_and_report(cfg, self.run_dir, rows, info["model_path"], log)
             preds = with_baselines(self.run_dir, preds)
-            preds.to_parquet(self.run_dir / PREDICTIONS, index=False)
+            save_parquet(preds, self.run_dir / PREDICTIONS)
             summary = self._summary(info, shards, metrics, sizes, time.perf_counter() - t_start)
             summary["paired_vs_baselines"] = paired_vs_baselines(preds, cfg.train.seed)
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=float))

@@ -23,6 +23,7 @@ import pandas as pd
 
 from fedsim.compare import PREDICTIONS
 from fedsim.config import ConfigError, flatten, to_dict
+from fedsim.core.files import save_parquet
 from fedsim.core.threads import executor_threads, threads
 from fedsim.data.partition import shard_stats, write_shard_files
 from fedsim.simulation import init_ray, load_run_config
@@ -73,7 +74,7 @@ def _drop_keys(path: Path, deleted: pd.DataFrame) -> None:
         return
     df = pd.read_parquet(path)
     hit = df[KEY].merge(deleted[KEY].assign(_gone=True), on=KEY, how="left")["_gone"].fillna(False)
-    df[~hit.astype(bool).to_numpy()].to_parquet(path, index=False)
+    save_parquet(df[~hit.astype(bool).to_numpy()], path)
 
 
 def shard_files(run_dir: Path, k: int) -> dict[str, tuple[int, int]]:
@@ -122,7 +123,7 @@ def unlearn(run_dir: str | Path, users: list[int] | None = None, rows_file: str 
     write_shard_files(kept.drop(columns="shard"), run_dir / "shards", n)
     assignment = pd.read_parquet(assignment_path(run_dir))
     drop = assignment[KEY].merge(deleted[KEY].assign(_gone=True), on=KEY, how="left")["_gone"].fillna(False).astype(bool)
-    assignment[~drop.to_numpy()].reset_index(drop=True).to_parquet(assignment_path(run_dir), index=False)
+    save_parquet(assignment[~drop.to_numpy()].reset_index(drop=True), assignment_path(run_dir))
     info["partition"] = shard_stats(kept.drop(columns="shard"), n).to_dict(orient="records")
     (run_dir / "prepared.json").write_text(json.dumps(info, indent=1, default=float))
     _drop_keys(run_dir / "baseline_scores.parquet", deleted)
@@ -147,7 +148,7 @@ def unlearn(run_dir: str | Path, users: list[int] | None = None, rows_file: str 
     with threads(executor_threads(cfg)):  # the shards have retrained: the executors' cores are idle
         metrics, preds = merge_and_report(cfg, run_dir, kept, info["model_path"], log)
     merge_seconds = time.perf_counter() - t_merge
-    with_baselines(run_dir, preds).to_parquet(run_dir / PREDICTIONS, index=False)
+    save_parquet(with_baselines(run_dir, preds), run_dir / PREDICTIONS)
     kept_train = kept["split"] == "train"
     hashes_after = {k: data_hash(kept[kept_train & (kept["shard"] == k)]) for k in range(K)}
     original = float(before.get("train_seconds", 0.0))
