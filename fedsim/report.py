@@ -152,7 +152,8 @@ def series(rows: list, keys: list[str], x_key: str, get=lambda r, k: r.get(k)) -
     other = [k for k in keys if k not in (x_key, "train.seed") and not tied(k)]
     groups: dict[str, list] = {}
     for r in rows:
-        label = ", ".join(f"{'.'.join(k.split('.')[-2:])}={fmt_value(get(r, k))}" for k in other) or "all"
+        # a lone line is named for what every caller draws of it: the mean over the seeds
+        label = ", ".join(f"{'.'.join(k.split('.')[-2:])}={fmt_value(get(r, k))}" for k in other) or "mean over seeds"
         groups.setdefault(label, []).append(r)
     return groups
 

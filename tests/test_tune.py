@@ -279,6 +279,7 @@ def test_sweep_dirs_match_the_sweep_name_exactly(tmp_path):
 def test_epsilon_plots_draw_intervals_seeds_baselines_and_the_attack(tmp_path):
     from matplotlib.image import imread
 
+    from fedsim.report import series
     from fedsim.tuning.report import plot_mia, plot_privacy_utility
 
     rows = [{"privacy.sample_dp.epsilon": eps, "train.seed": seed, "seed": seed, "auc": a + 0.01 * seed,
@@ -287,6 +288,8 @@ def test_epsilon_plots_draw_intervals_seeds_baselines_and_the_attack(tmp_path):
              "baseline/popularity": 0.66, "baseline/history_popularity": 0.81}
             for eps, a, m in ((math.inf, 0.77, 0.71), (8.0, 0.70, 0.55), (2.0, 0.60, 0.50)) for seed in (0, 1)]
     keys = ["privacy.sample_dp.epsilon", "train.seed"]
+    # one line, and the legend says what it is (the seeds' mean; the dots are the seeds)
+    assert list(series(rows, keys, "privacy.sample_dp.epsilon")) == ["mean over seeds"]
     for plot, name in ((plot_privacy_utility, "pu.png"), (plot_mia, "mia.png")):
         path = plot(rows, keys, tmp_path / name)
         assert path == tmp_path / name and imread(path).shape[:2] == (495, 770)  # 7 x 4.5 in at 110 dpi
