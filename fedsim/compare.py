@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fedsim.metrics import auc, auc_ci, paired_auc_diff, paired_auc_diff_mean, paired_client_aucs
+from fedsim.metrics import auc, auc_ci, auc_mean_ci, paired_auc_diff, paired_auc_diff_mean, paired_client_aucs
 from fedsim.report import fmt_diff, fmt_interval, fmt_signed, pyplot, save_figure, series, verdict
 
 KEY = ["user", "item", "timestamp"]
@@ -308,9 +308,23 @@ def _mean_over_seeds(rows: list[dict], seed: int, n_boot: int, audit: bool = Fal
     pairs = []
     for row in rows:
         both = _shared_rows(row["run_dir"], row["reference_dir"], audit)[0]
-        ids = both[KEY].astype(str).agg("|".join, axis=1).to_numpy()
-        pairs.append((ids, both["label"].to_numpy(), both["a"].to_numpy(), both["b"].to_numpy()))
+        pairs.append((_row_ids(both), both["label"].to_numpy(), both["a"].to_numpy(), both["b"].to_numpy()))
     return paired_auc_diff_mean(pairs, seed=seed, n_boot=n_boot)
+
+
+def auc_over_seeds(runs: list, audit: bool = False, seed: int = 0, n_boot: int = 1000) -> tuple[float, float, float]:
+    """The mean over several runs (an arm's seeds) of their AUC, or with `audit` of their attack's,
+    with `auc_mean_ci`'s interval of that mean (a row is named by its (user, item, timestamp))."""
+    load, seeds = _loader(audit), []
+    for run in runs:
+        df = load(run)
+        seeds.append((_row_ids(df), df["label"].to_numpy(), df["prob"].to_numpy()))
+    return auc_mean_ci(seeds, seed=seed, n_boot=n_boot)
+
+
+def _row_ids(df: pd.DataFrame) -> np.ndarray:
+    """Each row's name across runs, its (user, item, timestamp): seeds that scored a row draw it together."""
+    return df[KEY].astype(str).agg("|".join, axis=1).to_numpy()
 
 
 def format_sweep_comparison(r: dict) -> str:

@@ -160,6 +160,19 @@ def paired_auc_diff(labels, scores_a, scores_b, seed: int = 0, n_boot: int = 100
     return {"diff": float(diff), "low": low, "high": high, "se": se, "p_value": float(p), "rows": len(pos)}
 
 
+def _seed_draws(ids: list[np.ndarray], n_boot: int, seed):
+    """Bootstrap draws for seeds that scored overlapping sets of rows: the union of their rows is
+    resampled with replacement, a row several seeds scored drawn for all of them. Yields, a chunk of
+    resamples at a time, per seed how often each of its rows was drawn (resamples x its rows)."""
+    union, where = np.unique(np.concatenate(ids), return_inverse=True)
+    where = np.split(where.ravel(), np.cumsum([len(i) for i in ids])[:-1])  # each seed's rows in the union
+    n = len(union)
+    for idx in _boot_chunks(n, n_boot, seed):
+        draws = np.bincount((idx + n * np.arange(len(idx))[:, None]).ravel(), minlength=len(idx) * n)
+        draws = draws.reshape(len(idx), n).astype(np.float64)
+        yield [draws[:, w] for w in where]
+
+
 def paired_auc_diff_mean(pairs, seed: int = 0, n_boot: int = 1000, level: float = 0.95) -> dict[str, float]:
     """The mean over seeds of AUC(a) - AUC(b). `pairs`: per seed (row ids, labels, scores a, scores
     b), a and b scored on the same rows; seeds may score other rows (a sweep's seed also draws its
@@ -175,21 +188,34 @@ def paired_auc_diff_mean(pairs, seed: int = 0, n_boot: int = 1000, level: float 
         raise ValueError("paired_auc_diff_mean needs per seed (row ids, labels, scores a, scores b), one of each per row")
     labels = [np.asarray(p[1]).astype(bool).ravel() for p in pairs]
     diff = float(np.mean([auc(y, a) - auc(y, b) for y, (a, b) in zip(labels, sides)]))
-    union, where = np.unique(np.concatenate(ids), return_inverse=True)
     nan = float("nan")
-    out = {"diff": diff, "low": nan, "high": nan, "rows": len(union), "seeds": len(pairs)}
+    out = {"diff": diff, "low": nan, "high": nan, "rows": len(np.unique(np.concatenate(ids))), "seeds": len(pairs)}
     if any(y.all() or not y.any() for y in labels):
         return {**out, "diff": nan}
-    where = np.split(where.ravel(), np.cumsum([len(i) for i in ids])[:-1])  # each seed's rows in the union
     groups = [(_score_groups(a), _score_groups(b)) for a, b in sides]
-    n, boots = len(union), []
-    for idx in _boot_chunks(n, n_boot, seed):
-        draws = np.bincount((idx + n * np.arange(len(idx))[:, None]).ravel(), minlength=len(idx) * n)
-        draws = draws.reshape(len(idx), n).astype(np.float64)
-        boots.append(np.mean([_boot_auc_weighted(y, *ga, draws[:, w]) - _boot_auc_weighted(y, *gb, draws[:, w])
-                              for y, w, (ga, gb) in zip(labels, where, groups)], axis=0))
+    boots = [np.mean([_boot_auc_weighted(y, *ga, w) - _boot_auc_weighted(y, *gb, w)
+                      for y, w, (ga, gb) in zip(labels, ws, groups)], axis=0) for ws in _seed_draws(ids, n_boot, seed)]
     out["low"], out["high"] = _percentiles(np.concatenate(boots), level)
     return out
+
+
+def auc_mean_ci(seeds, seed: int = 0, n_boot: int = 1000, level: float = 0.95) -> tuple[float, float, float]:
+    """The mean over seeds of one arm's AUC with its percentile bootstrap interval. `seeds`: per seed
+    (row ids, labels, scores); rows resampled as in paired_auc_diff_mean (a row several seeds scored
+    drawn for all of them). Like it, the interval covers the rows' noise in the mean, not the spread
+    between seeds. One seed: auc and auc_ci's figures."""
+    ids = [np.asarray(s[0]).ravel() for s in seeds]
+    labels = [np.asarray(s[1]).astype(bool).ravel() for s in seeds]
+    scores = [np.asarray(s[2], dtype=np.float64).ravel() for s in seeds]
+    if not seeds or any(len(y) != len(i) or len(x) != len(i) for i, y, x in zip(ids, labels, scores)):
+        raise ValueError("auc_mean_ci needs per seed (row ids, labels, scores), one of each per row")
+    if any(y.all() or not y.any() for y in labels):
+        return float("nan"), float("nan"), float("nan")
+    mean = float(np.mean([auc(y, x) for y, x in zip(labels, scores)]))
+    groups = [_score_groups(x) for x in scores]
+    boots = [np.mean([_boot_auc_weighted(y, *g, w) for y, w, g in zip(labels, ws, groups)], axis=0)
+             for ws in _seed_draws(ids, n_boot, seed)]
+    return (mean, *_percentiles(np.concatenate(boots), level))
 
 
 def _stat_summary(point_a: np.ndarray, point_b: np.ndarray, boot_a: np.ndarray, boot_b: np.ndarray,

@@ -297,3 +297,36 @@ def test_a_sweep_over_client_counts_plots_each_partitions_gap_to_centralized_alo
     # nothing numeric varies: no plot, the table alone
     assert comparison_lines({**r, "keys": ["partition.method", "train.seed"]}) == {}
     assert [t["seed"] for t in r["trials"][:2]] == [0, 0]
+
+
+def test_a_sweep_plot_bars_the_seeds_mean_with_its_own_interval_from_the_rows_they_scored(tmp_path):
+    """Three seeds of an arm, each on rows of its own: the plot's bar is the interval of their mean
+    AUC (about 1/sqrt(3) of one seed's), not their interval ends averaged; a trial without its rows
+    falls back to the averaged ends. With --audit's rows, the attack's AUC the same way."""
+    from fedsim.compare import auc_over_seeds
+    from fedsim.metrics import auc_ci
+    from fedsim.tuning.report import _pooled_ci, plot_privacy_utility
+
+    dirs, each = [], []
+    for s in range(3):
+        df = rows(seed=s).assign(timestamp=lambda d: d["timestamp"] + 10**8 * s)  # rows of its own
+        d = make_run(tmp_path / f"seed{s}", df, 1.0, s)
+        p = pd.read_parquet(d / "predictions.parquet")
+        dirs.append(d)
+        each.append((auc(p["label"], p["prob"]), *auc_ci(p["label"], p["prob"])))
+    mean, low, high = auc_over_seeds(dirs)
+    assert mean == pytest.approx(np.mean([e[0] for e in each])) and low < mean < high
+    assert high - low == pytest.approx(np.mean([e[2] - e[1] for e in each]) / np.sqrt(3), rel=0.25)
+    trial = [{"privacy.client_dp.epsilon": 8.0, "train.seed": s, "seed": s, "run_dir": str(d), "auc": e[0],
+              "auc_ci_low": e[1], "auc_ci_high": e[2], "auc_q25": 0.5, "auc_q75": 0.7, "epsilon": 8.0}
+             for s, (d, e) in enumerate(zip(dirs, each))]
+    assert _pooled_ci(trial, audit=False) == pytest.approx((low, high))
+    assert _pooled_ci([{k: v for k, v in r.items() if k != "run_dir"} for r in trial], audit=False) is None
+    assert _pooled_ci([*trial[:2], {**trial[2], "run_dir": str(tmp_path / "gone")}], audit=False) is None
+    no_dp = [{**r, "privacy.client_dp.epsilon": float("inf"), "epsilon": float("inf")} for r in trial]
+    assert plot_privacy_utility(trial + no_dp, ["privacy.client_dp.epsilon", "train.seed"], tmp_path / "pu.png").exists()
+
+    audit = rows(seed=7).assign(member=lambda d: d["label"], loss=lambda d: -d["signal"]).drop(columns=["label", "signal"])
+    audit.to_parquet(dirs[0] / "audit.parquet", index=False)
+    assert auc_over_seeds(dirs[:1], audit=True)[0] == pytest.approx(auc(audit["member"], -audit["loss"]))
+    assert _pooled_ci(trial, audit=True) is None  # two of the seeds kept no audit

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from fedsim.metrics import accuracy, auc, auc_ci, delong_diff_se, logloss, paired_auc_diff, paired_auc_diff_mean
+from fedsim.metrics import accuracy, auc, auc_ci, auc_mean_ci, delong_diff_se, logloss, paired_auc_diff, paired_auc_diff_mean
 
 
 def brute_force_auc(labels, scores):
@@ -139,6 +139,22 @@ def test_the_mean_over_seeds_of_paired_diffs_resamples_the_rows_the_seeds_scored
     assert apart["rows"] == 2400 and (apart["high"] - apart["low"]) == pytest.approx(single / 2, rel=0.2)
     with pytest.raises(ValueError, match=r"per seed \(row ids, labels, scores a, scores b\), one of each per row"):
         paired_auc_diff_mean([(rows, labels, better[0], worse[0][:-1])])
+
+
+def test_the_mean_over_seeds_of_one_arms_auc_has_the_interval_of_the_mean_not_of_one_seed():
+    """One seed: auc and auc_ci's figures. Four seeds on rows of their own: the mean of their AUCs,
+    with an interval about half as wide as one seed's (what averaging interval ends would not show)."""
+    labels, scores = binormal(600, 0.8, 0)
+    rows = np.arange(600)
+    mean, low, high = auc_mean_ci([(rows, labels, scores)], seed=5)
+    assert (mean, low, high) == pytest.approx((auc(labels, scores), *auc_ci(labels, scores, seed=5)), abs=1e-12)
+    own = [(np.arange(600) + 1000 * s, *binormal(600, 0.8, 10 + s)) for s in range(4)]
+    mean, low, high = auc_mean_ci(own, seed=5)
+    each = [(auc(y, x), *auc_ci(y, x, seed=5)) for _, y, x in own]
+    assert mean == pytest.approx(np.mean([e[0] for e in each])) and low < mean < high
+    assert high - low == pytest.approx(np.mean([e[2] - e[1] for e in each]) / 2, rel=0.2)
+    with pytest.raises(ValueError, match=r"auc_mean_ci needs per seed \(row ids, labels, scores\)"):
+        auc_mean_ci([(rows, labels, scores[:-1])])
 
 
 def test_paired_interval_is_narrower_than_unpaired_for_correlated_scorers():

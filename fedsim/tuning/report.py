@@ -142,12 +142,27 @@ def _mean_by_x(rows: list[dict], x_of, ys: tuple[str, ...]) -> tuple[list[float]
     return xs, {y: [float(np.mean([r[y] for r in rows if x_of(r) == x])) for x in xs] for y in ys}
 
 
+def _pooled_ci(rows: list[dict], audit: bool) -> tuple[float, float] | None:
+    """The 95 % interval of the mean over these trials (an arm's seeds) of their AUC, or with `audit`
+    of their attack's, from the rows they scored (`fedsim.compare.auc_over_seeds`); None when a trial
+    has not kept them (a run from before predictions.parquet or audit.parquet, or rows made by hand)."""
+    from fedsim.compare import auc_over_seeds
+
+    try:
+        return auc_over_seeds([r["run_dir"] for r in rows], audit=audit)[1:]
+    except (KeyError, FileNotFoundError, ValueError):
+        return None
+
+
 def _plot_vs_epsilon(rows: list[dict], keys: list[str], path: Path, y: str, ci: tuple[str, str], ylabel: str,
-                     title: str, band: tuple[str, str] | None = None, lines: dict | None = None) -> Path | None:
+                     title: str, band: tuple[str, str] | None = None, lines: dict | None = None,
+                     audit: bool = False) -> Path | None:
     """`y` against epsilon, one line per setting of the other keys: the mean over seeds with bars for
-    its 95 % interval over rows (the interval ends' mean over seeds), each seed as a faint dot, `band`
-    (low, high columns) shaded, `lines` ({label: value}) drawn across. The x is the epsilon target
-    when the sweep varies one, else the epsilon spent; no DP (infinity) is drawn to the right of the
+    its 95 % interval over rows, each seed as a faint dot, `band` (low, high columns) shaded, `lines`
+    ({label: value}) drawn across. With several seeds at a point the bars are the interval of their
+    mean, from the rows the trials scored (their membership audits' rows with `audit`); where a trial
+    has not kept its rows, the seeds' interval ends averaged (wider). The x is the epsilon target when
+    the sweep varies one, else the epsilon spent; no DP (infinity) is drawn to the right of the
     largest finite value."""
     targets = [k for k in keys if k in EPSILON_KEYS]
     if len(targets) > 1:  # several kinds of DP: x is the target of the kind that is on, a line per kind
@@ -167,6 +182,11 @@ def _plot_vs_epsilon(rows: list[dict], keys: list[str], path: Path, y: str, ci: 
     for j, (label, grp) in enumerate(groups.items()):
         shift = 1 + 0.05 * (j - (len(groups) - 1) / 2)  # side by side, not on top of each other
         xs, m = _mean_by_x(grp, x_of, (y, *ci, *(band or ())))
+        for i, x in enumerate(xs):
+            seeds = [r for r in grp if x_of(r) == x]
+            pooled = _pooled_ci(seeds, audit) if len(seeds) > 1 else None
+            if pooled:
+                m[ci[0]][i], m[ci[1]][i] = pooled
         pos = np.array([at(x) for x in xs]) * shift
         bars = np.nan_to_num([np.subtract(m[y], m[ci[0]]), np.subtract(m[ci[1]], m[y])])
         line = ax.errorbar(pos, m[y], yerr=bars, marker="o", capsize=3, label=label)[0]
@@ -202,7 +222,7 @@ def plot_mia(rows: list[dict], keys: list[str], path: Path) -> Path | None:
     attack cannot tell members from non-members."""
     return _plot_vs_epsilon(rows, keys, path, "mia_auc", ("mia_ci_low", "mia_ci_high"),
                             "membership-inference AUC (bars: 95 % CI)", "membership inference",
-                            lines={"no leakage (0.5)": 0.5})
+                            lines={"no leakage (0.5)": 0.5}, audit=True)
 
 
 def plot_clients(rows: list[dict], keys: list[str], auc_path: Path, wall_path: Path) -> list[Path]:
