@@ -150,10 +150,12 @@ def series(rows: list, keys: list[str], x_key: str, get=lambda r, k: r.get(k)) -
         return all(seen.setdefault(get(r, x_key), get(r, k)) == get(r, k) for r in rows)
 
     other = [k for k in keys if k not in (x_key, "train.seed") and not tied(k)]
+    # a lone line is named for what every caller draws of it: the mean over the seeds, or the one seed
+    seeds = {get(r, "train.seed") for r in rows}
+    lone = "mean over seeds" if len(seeds) > 1 else "one run a point" if seeds == {None} else f"seed {seeds.pop()}"
     groups: dict[str, list] = {}
     for r in rows:
-        # a lone line is named for what every caller draws of it: the mean over the seeds
-        label = ", ".join(f"{'.'.join(k.split('.')[-2:])}={fmt_value(get(r, k))}" for k in other) or "mean over seeds"
+        label = ", ".join(f"{'.'.join(k.split('.')[-2:])}={fmt_value(get(r, k))}" for k in other) or lone
         groups.setdefault(label, []).append(r)
     return groups
 

@@ -290,6 +290,13 @@ def test_epsilon_plots_draw_intervals_seeds_baselines_and_the_attack(tmp_path):
     keys = ["privacy.sample_dp.epsilon", "train.seed"]
     # one line, and the legend says what it is (the seeds' mean; the dots are the seeds)
     assert list(series(rows, keys, "privacy.sample_dp.epsilon")) == ["mean over seeds"]
+    assert list(series(rows[::2], keys, "privacy.sample_dp.epsilon")) == ["seed 0"]  # a slice of one seed
+    assert list(series(rows[::2], ["privacy.sample_dp.epsilon"], "privacy.sample_dp.epsilon",
+                       lambda r, k: None if k == "train.seed" else r.get(k))) == ["one run a point"]
+    # a sweep of one seed has no train.seed column (not varied); its plots name the seed its rows ran
+    from fedsim.tuning.report import _series
+    one = [{k: v for k, v in r.items() if k != "train.seed"} for r in rows[1::2]]
+    assert list(_series(one, ["privacy.sample_dp.epsilon"], "privacy.sample_dp.epsilon")) == ["seed 1"]
     for plot, name in ((plot_privacy_utility, "pu.png"), (plot_mia, "mia.png")):
         path = plot(rows, keys, tmp_path / name)
         assert path == tmp_path / name and imread(path).shape[:2] == (495, 770)  # 7 x 4.5 in at 110 dpi

@@ -117,8 +117,10 @@ def results_table(rows: list[dict], keys: list[str], title: str) -> str:
 
 
 def _series(rows: list[dict], keys: list[str], x_key: str) -> dict[str, list[dict]]:
-    """Rows grouped into lines (`fedsim.report.series`); epsilon on x absorbs every epsilon key."""
-    return series(rows, [k for k in keys if not (x_key == "epsilon" and k in EPSILON_KEYS)], x_key)
+    """Rows grouped into lines (`fedsim.report.series`); epsilon on x absorbs every epsilon key. A
+    row's seed is its `seed` (in `train.seed` only where the grid varies it)."""
+    get = lambda r, k: r.get("seed") if k == "train.seed" else r.get(k)  # noqa: E731
+    return series(rows, [k for k in keys if not (x_key == "epsilon" and k in EPSILON_KEYS)], x_key, get)
 
 
 DP_KINDS = {"privacy.client_dp.epsilon": "client-level", "privacy.sample_dp.epsilon": "record-level"}
