@@ -378,7 +378,8 @@ def comparison_lines(r: dict) -> dict:
     difference kept; a reference trial is 0.
     {} when no numeric key varies (nothing to draw a line along)."""
     done = [t for t in r["trials"] if t["status"] in ("compared", "reference")]
-    get = lambda t, k: t["params"].get(k)  # noqa: E731
+    # a trial's seed from its row: a sweep of one seed does not vary train.seed, so its params lack it
+    get = lambda t, k: t["seed"] if k == "train.seed" else t["params"].get(k)  # noqa: E731
     keys = [k for k in r["keys"] if k != "train.seed"]
     numeric = [k for k in keys if all(_number(get(t, k)) is not None for t in done)
                and len({_number(get(t, k)) for t in done}) > 1]
