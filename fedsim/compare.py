@@ -68,9 +68,10 @@ def load_audit(run: str | Path) -> pd.DataFrame:
     return df.assign(label=df["member"], prob=-df["loss"])
 
 
-def _loader(audit: bool):
-    """What a comparison reads of a run: its attack's rows (`audit`) or its predictions."""
-    return load_audit if audit else load_predictions
+def _source(audit: bool):
+    """What a comparison reads of a run, (file in the run directory, its loader): the attack's rows
+    (`audit`) or the predictions."""
+    return (AUDIT, load_audit) if audit else (PREDICTIONS, load_predictions)
 
 
 def _shared_rows(a: str, b: str, audit: bool = False) -> tuple[pd.DataFrame, int, int]:
@@ -78,7 +79,7 @@ def _shared_rows(a: str, b: str, audit: bool = False) -> tuple[pd.DataFrame, int
     has; `audit`: the rows both runs' membership audits scored (label: member)."""
     if audit and b.startswith(BASELINE):
         raise ValueError("--audit compares two runs' membership attacks; a baseline has none")
-    load = _loader(audit)
+    load = _source(audit)[1]
     pa = load(a)
     if b.startswith(BASELINE):
         col = "baseline/" + b[len(BASELINE):]
@@ -246,7 +247,7 @@ def compare_sweep(sweep_dir: str | Path, against: str, seed: int = 0, n_boot: in
                              f"sweep's keys {sweep['keys']}")
         wanted[key] = value
     trials = sweep["trials"]
-    scores = AUDIT if audit else PREDICTIONS
+    scores, load = _source(audit)
     is_ref = lambda t: all(_same(t["params"].get(k), v) for k, v in wanted.items())  # noqa: E731
     for key, value in wanted.items():
         if not any(_same(t["params"].get(key), value) for t in trials):
@@ -265,7 +266,7 @@ def compare_sweep(sweep_dir: str | Path, against: str, seed: int = 0, n_boot: in
         if not (Path(t["run_dir"]) / scores).exists():
             row["status"] = "not finished"
             continue
-        preds = _loader(audit)(t["run_dir"])
+        preds = load(t["run_dir"])
         y, s = preds["label"].to_numpy(), preds["prob"].to_numpy()
         low, high = auc_ci(y, s, seed=seed, n_boot=n_boot)
         row["a"] = {"auc": auc(y, s), "low": low, "high": high}
@@ -315,7 +316,7 @@ def _mean_over_seeds(rows: list[dict], seed: int, n_boot: int, audit: bool = Fal
 def auc_over_seeds(runs: list, audit: bool = False, seed: int = 0, n_boot: int = 1000) -> tuple[float, float, float]:
     """The mean over several runs (an arm's seeds) of their AUC, or with `audit` of their attack's,
     with `auc_mean_ci`'s interval of that mean (a row is named by its (user, item, timestamp))."""
-    load, seeds = _loader(audit), []
+    load, seeds = _source(audit)[1], []
     for run in runs:
         df = load(run)
         seeds.append((_row_ids(df), df["label"].to_numpy(), df["prob"].to_numpy()))

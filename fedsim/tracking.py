@@ -79,15 +79,20 @@ class Tracker:
         return self._client
 
     def _experiment_id(self) -> str:
+        return retry_locked(self._get_or_create_experiment)
+
+    def _get_or_create_experiment(self) -> str:
         exp = self.client.get_experiment_by_name(self.experiment)
-        if exp is not None:
-            if "mlflow.experimentKind" not in exp.tags:  # made by an older fedsim, or by hand
-                retry_locked(self.client.set_experiment_tag, exp.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
-            return exp.experiment_id
-        try:
-            return self.client.create_experiment(self.experiment, tags=EXPERIMENT_KIND)
-        except Exception:  # another process created it between the two calls
-            return self.client.get_experiment_by_name(self.experiment).experiment_id
+        if exp is None:
+            try:
+                return self.client.create_experiment(self.experiment, tags=EXPERIMENT_KIND)
+            except Exception:
+                exp = self.client.get_experiment_by_name(self.experiment)
+                if exp is None:  # not another process creating it: its own error ('database is locked' retries)
+                    raise
+        if "mlflow.experimentKind" not in exp.tags:  # made by an older fedsim, or by hand
+            retry_locked(self.client.set_experiment_tag, exp.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
+        return exp.experiment_id
 
     def start(self, run_name: str, params: dict, run_id: str | None = None, tags: dict | None = None) -> str | None:
         if not self.enabled:
