@@ -90,8 +90,8 @@ class Tracker:
                 exp = self.client.get_experiment_by_name(self.experiment)
                 if exp is None:  # not another process creating it: its own error ('database is locked' retries)
                     raise
-        if "mlflow.experimentKind" not in exp.tags:  # made by an older fedsim, or by hand
-            retry_locked(self.client.set_experiment_tag, exp.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
+        if "mlflow.experimentKind" not in exp.tags:  # made by an older fedsim, or by hand (retried with the rest)
+            self.client.set_experiment_tag(exp.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
         return exp.experiment_id
 
     def start(self, run_name: str, params: dict, run_id: str | None = None, tags: dict | None = None) -> str | None:
