@@ -79,7 +79,7 @@ def _shared_rows(a: str, b: str, audit: bool = False) -> tuple[pd.DataFrame, int
     has; `audit`: the rows both runs' membership audits scored (label: member)."""
     if audit and b.startswith(BASELINE):
         raise ValueError("--audit compares two runs' membership attacks; a baseline has none")
-    load = _source(audit)[1]
+    _, load = _source(audit)
     pa = load(a)
     if b.startswith(BASELINE):
         col = "baseline/" + b[len(BASELINE):]
@@ -316,7 +316,8 @@ def _mean_over_seeds(rows: list[dict], seed: int, n_boot: int, audit: bool = Fal
 def auc_over_seeds(runs: list, audit: bool = False, seed: int = 0, n_boot: int = 1000) -> tuple[float, float, float]:
     """The mean over several runs (an arm's seeds) of their AUC, or with `audit` of their attack's,
     with `auc_mean_ci`'s interval of that mean (a row is named by its (user, item, timestamp))."""
-    load, seeds = _source(audit)[1], []
+    _, load = _source(audit)
+    seeds = []
     for run in runs:
         df = load(run)
         seeds.append((_row_ids(df), df["label"].to_numpy(), df["prob"].to_numpy()))

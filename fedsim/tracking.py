@@ -86,7 +86,7 @@ class Tracker:
         if exp is None:
             try:
                 return self.client.create_experiment(self.experiment, tags=EXPERIMENT_KIND)
-            except Exception:
+            except Exception:  # another process may have made it between the two calls
                 exp = self.client.get_experiment_by_name(self.experiment)
                 if exp is None:  # not another process creating it: its own error ('database is locked' retries)
                     raise
