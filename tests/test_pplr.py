@@ -383,3 +383,17 @@ def test_pplr_end_to_end_on_ray_with_its_table_on_disk(ray_local, tiny_cfg):
     exported = load_file(run_dir / "adapter" / "adapter_model.safetensors")
     assert torch.allclose(state["sum"].float() / 3, torch.stack(thetas).mean(0), atol=1e-6)
     assert sum(t.numel() for t in exported.values()) == thetas[0].numel()
+
+
+def test_the_aggregator_sends_each_client_its_own_row_of_a_disk_table(ray_local, tmp_path):
+    """A disk table reads each client's row anew: the broadcast's one-ref-per-tensor sharing must not
+    take a freed row's reused id() for another client's (it sent client 2 client 0's adapter)."""
+    from fedsim.server.aggregator import Aggregator
+
+    cfg = load_config("configs/tiny.yaml", ["strategy.name=pplr", "strategy.pplr.table=disk", "clients.num=40"])
+    agg = Aggregator(cfg, torch.zeros(16), run_dir=str(tmp_path))
+    agg.strategy.theta.put(0, {c: torch.full((16,), float(c)) for c in range(30)})  # 30 rows, 10 at the start
+    refs = agg.params_for(list(range(40)))
+    got = {c: ray_local.get(r) for c, r in refs.items()}
+    assert [float(got[c][0]) for c in range(40)] == [float(c) for c in range(30)] + [0.0] * 10
+    assert len({refs[c].hex() for c in range(30, 40)}) == 1  # the untouched start: still one broadcast

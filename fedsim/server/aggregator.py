@@ -35,9 +35,11 @@ class Aggregator:
         refs, out = {}, {}
         for c in clients:
             t = self.strategy.params_for(c)
+            # The tensor is kept with its ref: an id() is unique only while its object lives, and a
+            # row read anew (PPLR's disk table) would otherwise free it and hand its id to the next.
             if id(t) not in refs:
-                refs[id(t)] = ray.put(t)
-            out[c] = refs[id(t)]
+                refs[id(t)] = (t, ray.put(t))
+            out[c] = refs[id(t)][1]
             self.bytes_down += wire_bytes(t) if count else 0
         return out
 
