@@ -39,9 +39,9 @@ class Background:
 BACKGROUND = pytest.StashKey[Background]()
 
 
-# The test files that start Ray instances or clusters of their own. Under pytest-xdist (the README's
-# `-n 2 --dist loadgroup`) they run on one worker, one after the other: two clusters starting at once
-# on one machine broke each other's runtime envs.
+# The test files that start Ray instances or clusters of their own. Under pytest-xdist (`-n 2 --dist
+# loadgroup`, pyproject.toml's addopts) they run on one worker, one after the other: two clusters
+# starting at once on one machine broke each other's runtime envs.
 OWN_RAY = {"test_clusters.py", "test_placement.py", "test_ray_cleanup.py"}
 
 
