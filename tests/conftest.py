@@ -39,24 +39,7 @@ class Background:
 BACKGROUND = pytest.StashKey[Background]()
 
 
-# The test files that start Ray instances or clusters of their own. Under pytest-xdist (`-n 2 --dist
-# loadgroup`, pyproject.toml's addopts) they run on one worker, one after the other: two clusters
-# starting at once on one machine broke each other's runtime envs.
-OWN_RAY = {"test_clusters.py", "test_placement.py", "test_ray_cleanup.py"}
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks
-def pytest_collection_modifyitems(items):
-    for item in items:
-        if item.path.name in OWN_RAY:
-            item.add_marker(pytest.mark.xdist_group("own_ray"))
-
-
 def pytest_collection_finish(session):
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        # Under pytest-xdist every worker collects every test: the job starts when its test runs
-        # (the other worker keeps the second core busy meanwhile).
-        return
     for item in session.items:
         for mark in item.iter_markers("background"):
             session.config.stash.setdefault(BACKGROUND, Background(session.config._tmp_path_factory)).start(mark.args[0])
