@@ -1,7 +1,7 @@
 """What split execution (PPLR flexible storage, `storage.mode: split`) costs and saves: the same
 config run twice on a local Ray, whole model vs split at `storage.client_layers`, same seed.
 
-    python benchmarks/split_overhead.py configs/tiny.yaml --set model.tiny_layers=8 --set storage.server_num_cpus=0.5
+    python benchmarks/split_overhead.py configs/tiny.yaml --set executors.num=0 --set model.tiny_layers=8 --set storage.server_num_cpus=0.5
     python benchmarks/split_overhead.py configs/pplr_split.yaml --set train.rounds=1 ...
 
 Prints the wall time per round and per local step (full vs split), the parameters and bytes held

@@ -105,13 +105,13 @@ def notebook(monkeypatch):
 
 @pytest.fixture
 def tiny_cfg(tmp_path, mlflow_store):
-    """A tiny-random model on synthetic users: a full federated run in seconds on a CPU. Two pooled
-    executors by default (not tiny.yaml's actor per client): one actor fewer to start in every run;
-    a test about per-client actors sets executors.num=0."""
+    """A tiny-random model on synthetic users: a full federated run in seconds on a CPU, on tiny.yaml's
+    one pooled executor (an actor's start-up is most of a tiny run); a test about several executors
+    sets executors.num, one about per-client actors executors.num=0."""
     from fedsim.config import load_config
 
     def make(*overrides):
-        cfg = load_config("configs/tiny.yaml", [f"output_dir={tmp_path / 'runs'}", "executors.num=2",
+        cfg = load_config("configs/tiny.yaml", [f"output_dir={tmp_path / 'runs'}",
                                                 f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", *overrides])
         if cfg.tracking.enabled and cfg.tracking.uri == f"sqlite:///{tmp_path / 'mlflow.db'}":
             mlflow_store(tmp_path / "mlflow.db")
@@ -162,7 +162,8 @@ def crash_run_pair(tmp_path_factory):
 
     def one(*overrides):
         out = tmp_path_factory.mktemp("crash_run")
-        cfg = load_config("configs/tiny.yaml", [f"output_dir={out}", "tracking.enabled=false",
+        # An actor per client (executors.num=0): the crash ends client 1's process alone.
+        cfg = load_config("configs/tiny.yaml", [f"output_dir={out}", "tracking.enabled=false", "executors.num=0",
                                                 "faults.crash=[{round: 1, client: 1}]", *overrides])
         summary = run(cfg, log=lambda *a: None)
         assert summary["complete"] and summary["dropped"] == [{"round": 1, "client": 1}]

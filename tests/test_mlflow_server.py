@@ -92,7 +92,7 @@ def test_tiny_run_against_mlflow_server_read_back_over_rest(ray_local, tiny_cfg,
     cfg = tiny_cfg("tracking.experiment=fedsim")
     wait_healthy(url, proc)
     others = [fedsim_cli(ray_local, tmp_path, "run", str(ROOT / "configs" / "tiny.yaml"), "--tracking-uri", url,
-                         "--set", f"output_dir={tmp_path / 'other'}", "--set", "name=other", "--set", "executors.num=2"),
+                         "--set", f"output_dir={tmp_path / 'other'}", "--set", "name=other"),
               fedsim_cli(ray_local, ROOT, "tune", "tuning/ci_small.yaml", "--tracking-uri", url,
                          "--set", f"output_dir={tmp_path / 'sweep'}")]
     summary = run(cfg, tracking_uri=url, log=lambda *a: None)

@@ -141,7 +141,8 @@ def test_a_trial_that_cannot_fit_the_cluster_is_an_error_before_tune_starts(ray_
     from fedsim.tuning.tune import run_sweep
 
     path = write_sweep(tmp_path, grid={"clients.num": [2, 8]},
-                       set={"train.rounds": 1, "executors.num_cpus": 1.0, "output_dir": str(tmp_path / "runs")})
+                       set={"train.rounds": 1, "executors.num": 0, "executors.num_cpus": 1.0,
+                            "output_dir": str(tmp_path / "runs")})  # an actor per client: 8 x 1 CPU
     cpus = ray_local.cluster_resources()["CPU"]
     with pytest.raises(ConfigError, match=re.escape("trial 1 (clients.num=8) cannot fit the Ray cluster: it needs "
                                                     "8.5 CPU in all") + f".*the cluster has {cpus:g} CPU"):
