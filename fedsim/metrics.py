@@ -1,6 +1,7 @@
 """Binary classification metrics in plain numpy."""
 
 import math
+from statistics import NormalDist
 
 import numpy as np
 
@@ -197,6 +198,22 @@ def paired_auc_diff_mean(pairs, seed: int = 0, n_boot: int = 1000, level: float 
                       for y, w, (ga, gb) in zip(labels, ws, groups)], axis=0) for ws in _seed_draws(ids, n_boot, seed)]
     out["low"], out["high"] = _percentiles(np.concatenate(boots), level)
     return out
+
+
+def pooled_mean(estimates, level: float = 0.95) -> dict[str, float]:
+    """The mean over seeds of a figure known only by each seed's (value, low, high) at `level`, the
+    seeds scored on rows of their own: each interval taken as normal (standard error its width over
+    2 z), the seeds' errors independent. For seeds whose rows are gone (their run directories lost)
+    while their figures remain; with the rows at hand, paired_auc_diff_mean and auc_mean_ci resample
+    them instead, and on disjoint rows they agree with this (tests/test_metrics.py). Seeds that
+    share rows have correlated errors, which this interval would understate."""
+    est = [tuple(float(x) for x in e) for e in estimates]
+    if not est or any(len(e) != 3 or not e[1] <= e[0] <= e[2] for e in est):
+        raise ValueError(f"pooled_mean needs per seed (value, low, high) with low <= value <= high; got {estimates!r}")
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    mean = float(np.mean([e[0] for e in est]))
+    se = math.sqrt(sum(((h - lo) / (2 * z)) ** 2 for _, lo, h in est)) / len(est)
+    return {"diff": mean, "low": mean - z * se, "high": mean + z * se, "seeds": len(est)}
 
 
 def auc_mean_ci(seeds, seed: int = 0, n_boot: int = 1000, level: float = 0.95) -> tuple[float, float, float]:

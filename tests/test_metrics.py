@@ -3,7 +3,8 @@ import math
 import numpy as np
 import pytest
 
-from fedsim.metrics import accuracy, auc, auc_ci, auc_mean_ci, delong_diff_se, logloss, paired_auc_diff, paired_auc_diff_mean
+from fedsim.metrics import (accuracy, auc, auc_ci, auc_mean_ci, delong_diff_se, logloss, paired_auc_diff, paired_auc_diff_mean,
+                            pooled_mean)
 
 
 def brute_force_auc(labels, scores):
@@ -139,6 +140,26 @@ def test_the_mean_over_seeds_of_paired_diffs_resamples_the_rows_the_seeds_scored
     assert apart["rows"] == 2400 and (apart["high"] - apart["low"]) == pytest.approx(single / 2, rel=0.2)
     with pytest.raises(ValueError, match=r"per seed \(row ids, labels, scores a, scores b\), one of each per row"):
         paired_auc_diff_mean([(rows, labels, better[0], worse[0][:-1])])
+
+
+def test_pooling_each_seeds_interval_agrees_with_resampling_the_seeds_rows_when_they_are_disjoint():
+    """The mean over seeds from each seed's (difference, interval) alone, for seeds whose rows are
+    lost: on four seeds with rows of their own it is the resampled mean's figure and interval."""
+    own = []
+    for s in range(4):
+        y, g = binormal(600, 0.8, 10 + s)
+        own.append((np.arange(600) + 1000 * s, y, g, g + np.random.default_rng(20 + s).normal(scale=1.0, size=600)))
+    each = [paired_auc_diff(y, g, w, seed=5) for _, y, g, w in own]
+    pooled = pooled_mean([(e["diff"], e["low"], e["high"]) for e in each])
+    resampled = paired_auc_diff_mean(own, seed=5)
+    assert pooled["seeds"] == 4 and pooled["diff"] == pytest.approx(resampled["diff"], abs=1e-12)
+    assert pooled["high"] - pooled["low"] == pytest.approx(resampled["high"] - resampled["low"], rel=0.15)
+    assert pooled["low"] == pytest.approx(resampled["low"], abs=0.01) and pooled["high"] == pytest.approx(resampled["high"], abs=0.01)
+    # one seed: its interval's width back, centred on its value (an interval taken as normal)
+    one = pooled_mean([(0.1, 0.0, 0.3)])
+    assert (one["low"], one["high"]) == pytest.approx((-0.05, 0.25))
+    with pytest.raises(ValueError, match=r"pooled_mean needs per seed \(value, low, high\) with low <= value <= high"):
+        pooled_mean([(0.5, 0.6, 0.7)])
 
 
 def test_the_mean_over_seeds_of_one_arms_auc_has_the_interval_of_the_mean_not_of_one_seed():
