@@ -115,12 +115,15 @@ def cmd_compare(a) -> int:
         raise ValueError("--plot draws the per-client comparison: add --by-client")
     if a.audit and a.by_client:
         raise ValueError("--audit compares the pooled membership attacks; drop --by-client")
+    if a.slice and not a.against:
+        raise ValueError("--slice joins another directory of the same sweep: fedsim compare SWEEP_DIR --against "
+                         "KEY=VALUE --slice SWEEP_DIR_2")
     if a.against or a.run_b is None:
         if a.run_b is not None or a.by_client or not a.against:
             raise ValueError("compare a sweep as: fedsim compare SWEEP_DIR --against KEY=VALUE (no RUN_B, no --by-client)")
         from fedsim.compare import compare_sweep, format_sweep_comparison, save_sweep_comparison
 
-        result = compare_sweep(a.run_a, a.against, seed=a.seed, n_boot=a.boot, audit=a.audit)
+        result = compare_sweep(a.run_a, a.against, seed=a.seed, n_boot=a.boot, audit=a.audit, slices=a.slice or ())
         text = format_sweep_comparison(result)
         print(text)
         print("written: " + ", ".join(str(p) for p in save_sweep_comparison(result, text)))
@@ -241,6 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="another run directory, or baseline:<name> (that baseline in RUN_A)")
     c.add_argument("--against", metavar="KEY=VALUE",
                    help="RUN_A is a sweep: each trial against the trial of the same settings and seed with KEY=VALUE")
+    c.add_argument("--slice", metavar="SWEEP_DIR", action="append",
+                   help="with --against: another directory of the same sweep file, run apart (a seed a slice, say); "
+                        "its trials join RUN_A's, each paired with its reference in its own slice or else the first "
+                        "that has one, the mean over seeds taken across slices (repeatable)")
     c.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     c.add_argument("--boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
     c.add_argument("--by-client", action="store_true",

@@ -227,18 +227,40 @@ def _same(a, b) -> bool:
         return str(a) == str(b)
 
 
-def compare_sweep(sweep_dir: str | Path, against: str, seed: int = 0, n_boot: int = 1000, audit: bool = False) -> dict:
-    """Each trial of a sweep against its reference: the trial with the same settings (the seed
-    included, so the pair shares its data, partition and rows) but `against` ("KEY=VALUE"), as
-    `compare_runs` does for two runs. Then, per arm (the settings but the seed), the paired
-    differences of its seeds and how many exclude 0 either way. `audit`: the membership attacks'
-    AUCs (audit.parquet) instead of test AUC."""
-    sweep_dir = Path(sweep_dir)
+def _load_sweep(sweep_dir: Path) -> dict:
     path = sweep_dir / "sweep.json"
     if not path.exists():
         raise FileNotFoundError(f"{sweep_dir} is not a sweep directory (no sweep.json; give the directory "
                                 f"`fedsim tune` printed, <output_dir>/<name>-<timestamp>)")
-    sweep = json.loads(path.read_text())
+    return json.loads(path.read_text())
+
+
+def _sweep_trials(sweep_dir: Path, slices) -> tuple[dict, list[dict]]:
+    """The sweep's description and its trials, with those of `slices`: more directories of the same
+    sweep file run apart (a seed a slice, on a small machine), which must vary the same keys. Each
+    trial is tagged with its slice's index; with slices its name is `<slice directory>/<trial>`."""
+    dirs = [sweep_dir, *(Path(d) for d in slices)]
+    sweeps = [_load_sweep(d) for d in dirs]
+    for d, s in zip(dirs[1:], sweeps[1:]):
+        if sorted(s["keys"]) != sorted(sweeps[0]["keys"]):
+            raise ValueError(f"--slice {d} varies {s['keys']}, {sweep_dir} varies {sweeps[0]['keys']}: the slices of "
+                             f"one sweep vary the same keys")
+    trials = [{**t, "slice": i, **({"trial": f"{d.name}/{t['trial']}"} if slices else {})}
+              for i, (d, s) in enumerate(zip(dirs, sweeps)) for t in s["trials"]]
+    return sweeps[0], trials
+
+
+def compare_sweep(sweep_dir: str | Path, against: str, seed: int = 0, n_boot: int = 1000, audit: bool = False,
+                  slices=()) -> dict:
+    """Each trial of a sweep against its reference: the trial with the same settings (the seed
+    included, so the pair shares its data, partition and rows) but `against` ("KEY=VALUE"), as
+    `compare_runs` does for two runs. Then, per arm (the settings but the seed), the paired
+    differences of its seeds and how many exclude 0 either way. `audit`: the membership attacks'
+    AUCs (audit.parquet) instead of test AUC. `slices`: more directories of the same sweep file,
+    run apart; their trials join the sweep's, each paired with a reference of its own slice where
+    that has one, else of the first slice that has (a trial run in two slices counts once a seed)."""
+    sweep_dir = Path(sweep_dir)
+    sweep, trials = _sweep_trials(sweep_dir, slices)
     wanted = {}
     for pair in against.split(","):
         key, sep, value = pair.strip().partition("=")
@@ -246,7 +268,6 @@ def compare_sweep(sweep_dir: str | Path, against: str, seed: int = 0, n_boot: in
             raise ValueError(f"--against {against!r}: give KEY=VALUE[,KEY=VALUE] with each KEY one of the "
                              f"sweep's keys {sweep['keys']}")
         wanted[key] = value
-    trials = sweep["trials"]
     scores, load = _source(audit)
     is_ref = lambda t: all(_same(t["params"].get(k), v) for k, v in wanted.items())  # noqa: E731
     for key, value in wanted.items():
@@ -258,7 +279,8 @@ def compare_sweep(sweep_dir: str | Path, against: str, seed: int = 0, n_boot: in
     rows = []
     for t in trials:
         p = t["params"]
-        ref = next((r for r in trials if is_ref(r) and all(_same(r["params"].get(k), p.get(k)) for k in others)), None)
+        refs = [r for r in trials if is_ref(r) and all(_same(r["params"].get(k), p.get(k)) for k in others)]
+        ref = next((r for r in refs if r["slice"] == t["slice"]), refs[0] if refs else None)
         trial_seed = p.get("train.seed", t.get("config", {}).get("train", {}).get("seed"))  # varied, or the one
         row = {"trial": t["trial"], "params": p, "seed": trial_seed, "run_dir": t["run_dir"],
                "reference": ref and ref["trial"]}
@@ -288,14 +310,16 @@ def compare_sweep(sweep_dir: str | Path, against: str, seed: int = 0, n_boot: in
     arms = {}  # an arm: a trial's settings but the seed
     for row in rows:
         if row["status"] == "compared":
-            arms.setdefault(_arm_of(row, sweep["keys"]), []).append(row)
+            arm = arms.setdefault(_arm_of(row, sweep["keys"]), [])
+            if row["seed"] not in [r["seed"] for r in arm]:  # the same trial rerun in another slice: once
+                arm.append(row)
     summary = [{"arm": dict(arm), "seeds": [r["seed"] for r in rs],
                 "diffs": [r["diff"]["diff"] for r in rs],
                 "better": sum(r["diff"]["low"] > 0 for r in rs), "worse": sum(r["diff"]["high"] < 0 for r in rs),
                 **({"mean": _mean_over_seeds(rs, seed, n_boot, audit)} if len(rs) > 1 else {})}
                for arm, rs in arms.items()]
-    return {"sweep": str(sweep_dir), "name": sweep["name"], "keys": sweep["keys"], "against": wanted,
-            "trials": rows, "arms": summary, "seed": seed, "n_boot": n_boot, "audit": audit}
+    return {"sweep": str(sweep_dir), "slices": [str(d) for d in slices], "name": sweep["name"], "keys": sweep["keys"],
+            "against": wanted, "trials": rows, "arms": summary, "seed": seed, "n_boot": n_boot, "audit": audit}
 
 
 def _arm_of(row: dict, keys: list[str]) -> tuple:
@@ -336,16 +360,20 @@ def format_sweep_comparison(r: dict) -> str:
     keys = r["keys"]
     audit = r.get("audit")
     head = f"every trial's membership attack against that of its {label} trial" if audit else f"every trial against its {label} trial"
-    lines = [f"sweep {r['name']}: {head} of the same settings and seed (paired over the rows both "
+    slices = r.get("slices") or []
+    within = f" (with its slices {', '.join(Path(d).name for d in slices)})" if slices else ""
+    trial = ["trial"] if slices else []  # with slices, which slice each row comes from
+    lines = [f"sweep {r['name']}{within}: {head} of the same settings and seed (paired over the rows both "
              f"{'audited' if audit else 'scored'}; 95 % intervals, {r['n_boot']} bootstrap resamples)", "",
-             "| " + " | ".join(keys) + f" | {'attack AUC' if audit else 'AUC'} | − ({label}) | verdict |",
-             "|" + "---|" * (len(keys) + 3)]
+             "| " + " | ".join(trial + keys) + f" | {'attack AUC' if audit else 'AUC'} | − ({label}) | verdict |",
+             "|" + "---|" * (len(trial + keys) + 3)]
     for row in r["trials"]:
         a = row.get("a")
         cell = fmt_interval(a["auc"], a["low"], a["high"]) if a else "—"
         d = row.get("diff")
         diff = fmt_diff({**d, "rows": row["rows"]}) if d else row["status"]
-        lines.append("| " + " | ".join(str(row["params"].get(k)) for k in keys) + f" | {cell} | {diff} | "
+        named = [str(row["trial"])] if slices else []
+        lines.append("| " + " | ".join(named + [str(row["params"].get(k)) for k in keys]) + f" | {cell} | {diff} | "
                      f"{row.get('verdict', '')} |")
     for arm in r["arms"]:
         name = ", ".join(f"{k} = {v}" for k, v in arm["arm"].items()) or "all"
@@ -441,9 +469,11 @@ def plot_sweep_comparison(r: dict, path: Path) -> Path | None:
 
 def write_sweep_comparison(r: dict, text: str) -> list[Path]:
     """The comparison in the sweep directory: `compare_<KEY>=<VALUE>.md` (the table), `.json`, and
-    `.png` where a numeric key varies (the differences along it)."""
+    `.png` where a numeric key varies (the differences along it); `..._slices.*` with slices."""
     sweep_dir = Path(r["sweep"])
-    stem = "compare_" + ",".join(f"{k}={v}" for k, v in r["against"].items()) + ("_audit" if r.get("audit") else "")
+    # with slices, a name of its own: the sweep's own comparison (made as it ended) stays
+    stem = ("compare_" + ",".join(f"{k}={v}" for k, v in r["against"].items()) + ("_slices" if r.get("slices") else "")
+            + ("_audit" if r.get("audit") else ""))
     md, js = sweep_dir / f"{stem}.md", sweep_dir / f"{stem}.json"
     md.write_text(text + "\n")
     js.write_text(json.dumps(r, indent=1, default=float))

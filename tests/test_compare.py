@@ -259,6 +259,63 @@ def test_compare_sweep_pairs_each_trial_with_its_reference_of_the_same_seed(tmp_
     assert (sweep / "compare_arm=plain.md").read_text().strip() in out  # test AUC first, as before
 
 
+def test_slices_of_one_sweep_compare_as_the_whole_sweep_and_pair_across_slices(tmp_path, capsys):
+    """A sweep file run in slices (a seed a slice, on a small machine): `fedsim compare SLICE_A
+    --against KEY=VALUE --slice SLICE_B` gives each trial's and each arm's figures as one sweep
+    holding all the trials would. A trial pairs with a reference of its own slice where it has one,
+    else of another slice; a trial run in two slices counts once in its arm's seeds."""
+    from fedsim.compare import compare_sweep
+
+    noise = {"plain": 1.0, "good": 0.3, "bad": 3.0}
+    data = {seed: rows(seed=seed) for seed in (0, 1)}  # a seed draws its own rows
+    prob = {}  # (seed, arm) -> its run's predictions, the same in whichever slice it ran
+
+    def sweep(name, cells):
+        d, trials = tmp_path / name, []
+        for seed, arm in cells:
+            run = d / "runs" / f"trial_{len(trials):03d}"
+            run.mkdir(parents=True)
+            if (seed, arm) not in prob:
+                prob[seed, arm] = data[seed].drop(columns="signal").assign(prob=scorer(data[seed], noise[arm], 100 + len(prob)))
+            prob[seed, arm].to_parquet(run / "predictions.parquet", index=False)
+            trials.append({"trial": len(trials), "params": {"train.seed": seed, "arm": arm}, "run_dir": str(run)})
+        (d / "sweep.json").write_text(json.dumps({"name": "demo", "keys": ["arm", "train.seed"], "trials": trials}))
+        return d
+
+    cells = [(s, a) for s in (0, 1) for a in ("plain", "good", "bad")]
+    whole = compare_sweep(sweep("whole", cells), "arm=plain", n_boot=300)
+    # slice A: seed 0 whole, and seed 1's bad arm without its reference; slice B: seed 1, good and plain
+    a, b = sweep("a", cells[:3] + [(1, "bad")]), sweep("b", [(1, "plain"), (1, "good")])
+    r = compare_sweep(a, "arm=plain", n_boot=300, slices=[b])
+    by = {(t["params"]["train.seed"], t["params"]["arm"]): t for t in r["trials"]}
+    assert by[1, "bad"]["trial"] == "a/3" and by[1, "bad"]["reference"] == "b/0"  # from the slice that has it
+    assert by[1, "good"]["reference"] == "b/0" and by[0, "good"]["reference"] == "a/0"
+    for t in whole["trials"]:
+        key = (t["params"]["train.seed"], t["params"]["arm"])
+        assert by[key]["status"] == t["status"] and by[key].get("diff") == t.get("diff"), key
+    assert {tuple(x["arm"].items()): x for x in r["arms"]} == {tuple(x["arm"].items()): x for x in whole["arms"]}
+
+    # seed 1's good arm run again in slice A: it pairs with A's own reference, and counts once
+    twice = compare_sweep(sweep("c", cells), "arm=plain", n_boot=300, slices=[b])
+    good = next(x for x in twice["arms"] if x["arm"] == {"arm": "good"})
+    assert good["seeds"] == [0, 1] and good["mean"] == next(x for x in whole["arms"] if x["arm"] == {"arm": "good"})["mean"]
+    assert next(t for t in twice["trials"] if t["trial"] == "b/1")["reference"] == "b/0"
+
+    assert main(["compare", str(a), "--against", "arm=plain", "--slice", str(b), "--boot", "300"]) == 0
+    out = capsys.readouterr().out
+    assert "sweep demo (with its slices b):" in out and "| a/3 | bad | 1 |" in out
+    assert "arm = good: − (arm = plain) in seeds [0, 1]" in out
+    assert (a / "compare_arm=plain_slices.md").read_text().strip() in out and not (a / "compare_arm=plain.md").exists()
+    # slices that vary other keys, and --slice without --against, say what is wrong
+    other = sweep("other", cells[:1])
+    (other / "sweep.json").write_text(json.dumps({**json.loads((other / "sweep.json").read_text()), "keys": ["arm"]}))
+    assert main(["compare", str(a), "--against", "arm=plain", "--slice", str(other)]) == 2
+    assert f"--slice {other} varies ['arm'], {a} varies ['arm', 'train.seed']: the slices of one sweep vary the same keys" \
+        in capsys.readouterr().err
+    assert main(["compare", str(a), str(b), "--slice", str(b)]) == 2
+    assert "--slice joins another directory of the same sweep" in capsys.readouterr().err
+
+
 def test_a_sweep_over_client_counts_plots_each_partitions_gap_to_centralized_along_the_clients(tmp_path):
     """The FedAvg-vs-centralized sweep's shape: clients.num with local steps tied to it, a line per
     partition, each trial against the 1-client trial of its partition and seed. The plot's lines
