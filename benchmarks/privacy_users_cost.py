@@ -21,7 +21,7 @@ from fedsim.metrics import pooled_mean
 PAIRED = {
     ("client", "separate", 8): {0: (-0.008, -0.015, -0.001), 1: (0.002, -0.005, 0.009)},
     ("client", "separate", 4): {0: (-0.012, -0.024, -0.000), 1: (-0.004, -0.017, 0.009)},
-    ("client", "separate", 2): {0: (-0.047, -0.071, -0.021), 1: (-0.074, -0.107, -0.042)},
+    ("client", "separate", 2): {0: (-0.047, -0.071, -0.021), 1: (-0.074, -0.107, -0.042), 2: (-0.032, -0.049, -0.013)},
     ("client", "separate", 1): {0: (-0.146, -0.195, -0.091), 1: (-0.143, -0.198, -0.088)},
     ("record", "separate", 8): {0: (-0.042, -0.066, -0.021), 1: (-0.038, -0.057, -0.020)},
     ("record", "separate", 2): {0: (-0.043, -0.067, -0.021), 1: (-0.038, -0.058, -0.021)},
@@ -57,21 +57,26 @@ def plot(path: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), sharey=True, gridspec_kw={"width_ratios": [3, 2]})
     for ax, kind, title in ((axes[0], "client", "client-level DP-FedAvg"), (axes[1], "record", "record-level DP-SGD on each client")):
         ax.axhline(0, color="grey", ls="--", lw=1, label="no DP (each seed's own)")
-        for mode, colour, dx in (("separate", "black", 1.0), ("ffa", "tab:green", 1.05)):
+        # on a log axis, each seed's point a little left of its epsilon and the mean right of it; ffa further right
+        for mode, colour, dx in (("separate", "black", 0.93), ("ffa", "tab:green", 1.13)):
             keys = sorted((k for k in PAIRED if k[0] == kind and k[1] == mode), key=lambda k: k[2])
             for seed, (marker, c) in SEED_STYLE.items():
                 pts = [(k[2], PAIRED[k][seed]) for k in keys if seed in PAIRED[k]]
                 if pts:
-                    x = [e * dx * (0.94 + 0.02 * seed) for e, _ in pts]
+                    x = [e * dx * (0.97 + 0.025 * seed) for e, _ in pts]
                     ax.errorbar(x, [p[0] for _, p in pts], yerr=[[p[0] - p[1] for _, p in pts], [p[2] - p[0] for _, p in pts]],
                                 fmt=marker, color=c if mode == "separate" else colour, mfc="white" if mode == "ffa" else c,
                                 alpha=0.7, capsize=3, ms=5, label=f"{mode}, seed {seed}")
             mk = [k for k in keys if k in pooled]
             if mk:
                 m = [pooled[k][0] for k in mk]
-                ax.errorbar([k[2] * dx * 1.06 for k in mk], [d["diff"] for d in m], fmt="D-", color=colour, capsize=4, ms=7, lw=1.5,
+                xs = [k[2] * dx * 1.07 for k in mk]
+                ax.errorbar(xs, [d["diff"] for d in m], fmt="D-", color=colour, capsize=4, ms=7, lw=1.5,
                             yerr=[[d["diff"] - d["low"] for d in m], [d["high"] - d["diff"] for d in m]],
-                            label=f"{mode}, mean of seeds {', '.join(map(str, pooled[mk[0]][1]))}")
+                            label=f"{mode}, mean over seeds (n: how many)")
+                for x, k, d in zip(xs, mk, m):
+                    ax.annotate(f"n={len(pooled[k][1])}", (x, d["diff"]), textcoords="offset points", xytext=(7, -3),
+                                ha="left", fontsize=7, color=colour)
         eps = sorted({k[2] for k in PAIRED if k[0] == kind})
         ax.set_xscale("log")
         ax.set_xticks(eps, [str(e) for e in eps])
