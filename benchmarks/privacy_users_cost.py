@@ -19,7 +19,7 @@ from fedsim.metrics import pooled_mean
 
 # (kind, LoRA mode, epsilon) -> {seed: (test AUC - no DP, 95 % low, high)}, paired on the seed's rows
 PAIRED = {
-    ("client", "separate", 8): {0: (-0.008, -0.015, -0.001), 1: (0.002, -0.005, 0.009)},
+    ("client", "separate", 8): {0: (-0.008, -0.015, -0.001), 1: (0.002, -0.005, 0.009), 2: (-0.015, -0.023, -0.007)},
     ("client", "separate", 4): {0: (-0.012, -0.024, -0.000), 1: (-0.004, -0.017, 0.009)},
     ("client", "separate", 2): {0: (-0.047, -0.071, -0.021), 1: (-0.074, -0.107, -0.042), 2: (-0.032, -0.049, -0.013)},
     ("client", "separate", 1): {0: (-0.146, -0.195, -0.091), 1: (-0.143, -0.198, -0.088)},
