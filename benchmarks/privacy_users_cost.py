@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 
 from fedsim.metrics import pooled_mean
+from fedsim.report import pyplot, save_figure
 
 # (kind, LoRA mode, epsilon) -> {seed: (test AUC - no DP, 95 % low, high)}, paired on the seed's rows
 PAIRED = {
@@ -48,11 +49,7 @@ def table() -> str:
 
 
 def plot(path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     pooled = means()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), sharey=True, gridspec_kw={"width_ratios": [3, 2]})
     for ax, kind, title in ((axes[0], "client", "client-level DP-FedAvg"), (axes[1], "record", "record-level DP-SGD on each client")):
@@ -88,8 +85,7 @@ def plot(path: str) -> None:
         ax.legend(fontsize=7, loc="lower right")
     axes[0].set_ylabel("test AUC − no DP, paired (bars: 95 % CI)")
     fig.suptitle("What DP costs with users as clients (64 of 200 a round, 6 rounds, SmolLM2-135M)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def main() -> None:
